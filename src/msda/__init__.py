@@ -1,0 +1,33 @@
+"""msda: 50 m soil moisture from Sentinel-1 by multi-scale domain adaptation of DenseSM-E."""
+
+__version__ = "0.1.0"
+
+from msda.errors import MsdaError, SchemaError, TableError, WeightsError  # noqa: E402
+from msda.model import DenseSM, DenseSME, MemberSpec, default_members  # noqa: E402
+from msda.schema import DEFAULT_SCHEMA, FeatureSchema, load_schema, table1  # noqa: E402
+from msda.tables import Samples, read_samples, write_samples  # noqa: E402
+from msda.weights import load_ensemble, save_ensemble  # noqa: E402
+from msda.predict import Prediction, predict  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "MsdaError",
+    "SchemaError",
+    "TableError",
+    "WeightsError",
+    "DenseSM",
+    "DenseSME",
+    "MemberSpec",
+    "default_members",
+    "DEFAULT_SCHEMA",
+    "FeatureSchema",
+    "load_schema",
+    "table1",
+    "Samples",
+    "read_samples",
+    "write_samples",
+    "load_ensemble",
+    "save_ensemble",
+    "Prediction",
+    "predict",
+]

@@ -1,0 +1,230 @@
+"""The ``msda`` command line: parses options and calls the library; errors print as one line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from msda.errors import MsdaError
+
+app = typer.Typer(
+    help="msda: 50 m soil moisture from Sentinel-1 with multi-scale domain adaptation of DenseSM-E.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+weights_app = typer.Typer(help="Inspect and convert DenseSM-E weights.", no_args_is_help=True)
+schema_app = typer.Typer(help="Show or write feature schemas.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+app.add_typer(schema_app, name="schema")
+
+_state = {"debug": False}
+
+SchemaOpt = typer.Option(None, "--schema", help="Feature schema file (TOML/YAML/JSON); default: Table 1.")
+
+
+def _schema(path: Optional[Path]):
+    from msda.schema import DEFAULT_SCHEMA, load_schema
+
+    return DEFAULT_SCHEMA if path is None else load_schema(path)
+
+
+def _networks(value: Optional[str]) -> Optional[list[str]]:
+    return [n.strip() for n in value.split(",") if n.strip()] if value else None
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def predict(
+    weights: Path = typer.Option(..., "--weights", "-w", help="Our weights directory, or the authors' .pt directory/file."),
+    samples: Path = typer.Option(..., "--samples", "-s", help="Sample table (.csv authors' layout or .parquet)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output table (.parquet or .csv)."),
+    schema: Optional[Path] = SchemaOpt,
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    batch: int = typer.Option(4096, min=1, help="Samples per forward pass."),
+    chunk_rows: int = typer.Option(200_000, min=1, help="Rows read at a time (bounds memory)."),
+    members: bool = typer.Option(True, "--members/--no-members", help="Write each member's prediction."),
+    drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
+) -> None:
+    """Predict soil moisture (m3/m3): ensemble mean, member spread and per-member values."""
+    from msda.predict import predict_table
+    from msda.weights import load_ensemble
+
+    sch = _schema(schema)
+    ensemble = load_ensemble(weights, schema=sch if schema is not None else None)
+    t0 = time.perf_counter()
+    rows = predict_table(ensemble, samples, out, chunk_rows, batch, device, members, drop_nan)
+    dt = time.perf_counter() - t0
+    typer.echo(f"wrote {out}: {rows} rows, {len(ensemble.specs)} members, {rows / dt:,.0f} samples/s")
+
+
+@app.command()
+def validate(
+    table: Path = typer.Argument(..., help="Sample table (.csv or .parquet)."),
+    kind: Optional[str] = typer.Option(None, help="fine or coarse (inferred when omitted)."),
+    schema: Optional[Path] = SchemaOpt,
+    drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features and report the count."),
+    networks: Optional[str] = typer.Option(None, help="Comma-separated networks to keep."),
+) -> None:
+    """Check a sample table and print a summary."""
+    from msda.tables import read_samples
+
+    s = read_samples(table, _kind(kind), _schema(schema), drop_nan, _networks(networks))
+    _summary(s)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Input table (.csv or .parquet)."),
+    dst: Path = typer.Argument(..., help="Output table; .csv writes the authors' layout, .parquet ours."),
+    kind: Optional[str] = typer.Option(None, help="fine or coarse (inferred when omitted)."),
+    schema: Optional[Path] = SchemaOpt,
+    drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features and report the count."),
+    networks: Optional[str] = typer.Option(None, help="Comma-separated networks to keep."),
+) -> None:
+    """Convert a sample table between the authors' CSV and our Parquet layout (validated)."""
+    from msda.tables import read_samples, write_samples
+
+    s = read_samples(src, _kind(kind), _schema(schema), drop_nan, _networks(networks))
+    write_samples(s, dst)
+    _summary(s)
+    typer.echo(f"wrote {dst}")
+
+
+def _kind(kind: Optional[str]):
+    if kind not in (None, "fine", "coarse"):
+        raise MsdaError(f"--kind must be fine or coarse, got {kind!r}")
+    return kind
+
+
+def _summary(s) -> None:
+    f = s.frame
+    typer.echo(f"{s.source}: {len(s)} {s.kind} samples, schema {s.schema.name} ({s.schema.n_features} features)")
+    if s.dropped_nan:
+        typer.echo(f"dropped {s.dropped_nan} rows with NaN features")
+    if "station" in f:
+        typer.echo(f"stations: {f['station'].nunique()}; networks: {', '.join(s.networks)}")
+    typer.echo(f"9 km cells: {f[['r', 'c']].drop_duplicates().shape[0]}; dates {f['date'].min():%Y-%m-%d} to {f['date'].max():%Y-%m-%d}")
+    typer.echo(f"sm_m3m3: mean {f['sm_m3m3'].mean():.3f}, min {f['sm_m3m3'].min():.3f}, max {f['sm_m3m3'].max():.3f}")
+
+
+@weights_app.command("info")
+def weights_info(weights: Path = typer.Argument(..., help="Weights directory or file.")) -> None:
+    """List the members, schema and provenance of a set of weights."""
+    from msda.weights import load_ensemble
+
+    e = load_ensemble(weights)
+    n_params = sum(p.numel() for p in e.parameters())
+    typer.echo(f"{weights}: {len(e.specs)} members, {n_params:,} parameters, schema {e.schema.name}")
+    typer.echo("members: " + ", ".join(e.names))
+    for k, v in getattr(e, "provenance", {}).items():
+        typer.echo(f"  {k}: {v}")
+
+
+@weights_app.command("convert")
+def weights_convert(
+    src: Path = typer.Argument(..., help="Weights: our directory or the authors' .pt directory/file."),
+    dst: Path = typer.Argument(..., help="Output directory."),
+    to: str = typer.Option("msda", help="msda (safetensors + manifest) or authors (one .pt per member)."),
+) -> None:
+    """Convert weights between the authors' .pt files and our safetensors format."""
+    from msda.weights import load_ensemble, provenance, save_authors, save_ensemble
+
+    e = load_ensemble(src)
+    if to == "msda":
+        save_ensemble(e, dst, provenance(converted_from=str(src), source=getattr(e, "provenance", {})))
+    elif to == "authors":
+        if not e.schema.is_default:
+            raise MsdaError(f"{src}: only Table 1 weights can be written in the authors' layout")
+        save_authors(e, dst)
+    else:
+        raise MsdaError(f"--to must be msda or authors, got {to!r}")
+    typer.echo(f"wrote {dst} ({len(e.specs)} members)")
+
+
+@weights_app.command("init")
+def weights_init(
+    out: Path = typer.Option(..., "--out", "-o", help="Output weights directory."),
+    seed: int = typer.Option(0, help="Seed of the initialisation."),
+    widths: str = typer.Option("8,16,32,64,128", help="Comma-separated widths w."),
+    depths: str = typer.Option("1,2,3,4,5", help="Comma-separated depths d."),
+    schema: Optional[Path] = SchemaOpt,
+) -> None:
+    """Write an untrained, seeded DenseSM-E (the starting point of training from scratch)."""
+    from msda.model import DenseSME, default_members
+    from msda.weights import provenance, save_ensemble
+
+    try:
+        ws = [int(v) for v in widths.split(",")]
+        ds = [int(v) for v in depths.split(",")]
+    except ValueError:
+        raise MsdaError(f"--widths and --depths take comma-separated integers, got {widths!r} / {depths!r}") from None
+    e = DenseSME(default_members(ws, ds), schema=_schema(schema), seed=seed)
+    save_ensemble(e, out, provenance(kind="untrained initialisation", seed=seed))
+    typer.echo(f"wrote {out} ({len(e.specs)} untrained members, seed {seed})")
+
+
+@schema_app.command("show")
+def schema_show(schema: Optional[Path] = typer.Argument(None, help="Schema file; default: Table 1.")) -> None:
+    """Print the inputs of a schema with units, ranges and encodings."""
+    s = _schema(schema)
+    typer.echo(f"schema {s.name}: {s.n_scalars} scalars + {s.n_series} series x {s.series_length} = {s.n_features} columns")
+    col = 0
+    for sc in s.scalars:
+        enc = ""
+        if sc.encoding is not None:
+            e = sc.encoding
+            arg = f"{e.source}/{e.period:g}" if e.func == "ratio" else f"2 pi {e.source}/{e.period:g}"
+            enc = f"  = {arg}" if e.func == "ratio" else f"  = {e.func}({arg})"
+        typer.echo(f"  [{col:3d}] {sc.name:<14} {sc.units:<7} [{sc.lo:g}, {sc.hi:g}]{enc}")
+        col += 1
+    for se in s.series:
+        typer.echo(
+            f"  [{col:3d}-{col + se.length - 1:3d}] {se.name:<8} {se.units:<7} [{se.lo:g}, {se.hi:g}] "
+            f"{se.length} x {se.step_days} days"
+        )
+        col += se.length
+
+
+@schema_app.command("write")
+def schema_write(out: Path = typer.Argument(..., help="Output .yaml or .json file to edit.")) -> None:
+    """Write the default Table 1 schema to a file, as a template for your own."""
+    from msda.schema import DEFAULT_SCHEMA
+
+    DEFAULT_SCHEMA.save(out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),
+    rows: int = typer.Option(200_000, min=1, help="Samples to predict."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Run the foundation pipeline end to end: weights in both formats, tables, prediction."""
+    from msda.demo import run_demo
+
+    run_demo(out, rows=rows, seed=seed, echo=typer.echo)
+
+
+def run() -> None:
+    """Entry point: one line per user error (exit 2), full traceback with --debug."""
+    try:
+        app()
+    except MsdaError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,205 @@
+"""DenseSM-E weights: the authors' per-member ``.pt`` state dicts and our safetensors + manifest.
+
+Our format is a directory with ``weights.safetensors`` (keys ``<member>.<param>``) and
+``manifest.json`` (schema, members, provenance); it never uses pickle. The authors' ``.pt`` files
+are pickles, read with ``torch.load(weights_only=True)`` so that a downloaded file cannot run code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from msda import __version__
+from msda.errors import WeightsError
+from msda.io import atomic_path
+from msda.model import DenseSM, DenseSME, MemberSpec
+from msda.schema import DEFAULT_SCHEMA, FeatureSchema
+
+FORMAT = "msda.densesm-e"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "weights.safetensors"
+_PAIR = re.compile(r"(\d+)_(\d+)")
+
+
+def provenance(**settings: Any) -> dict[str, Any]:
+    """Versions and settings that made a set of weights (recorded in the manifest)."""
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "msda": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **settings,
+    }
+
+
+# ----- our format ---------------------------------------------------------------------------
+def save_ensemble(ensemble: DenseSME, path: str | Path, provenance_info: dict[str, Any] | None = None) -> Path:
+    """Write ``path/`` with weights.safetensors and manifest.json, atomically."""
+    path = Path(path)
+    tensors = {
+        f"{spec.name}.{key}": value.detach().cpu().contiguous()
+        for spec, member in zip(ensemble.specs, ensemble.members)
+        for key, value in member.state_dict().items()
+    }
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "schema": ensemble.schema.to_dict(),
+        "members": [{"name": s.name, "depth": s.depth, "width": s.width} for s in ensemble.specs],
+        "provenance": provenance_info if provenance_info is not None else provenance(),
+    }
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() else path.with_name(MANIFEST)
+    try:
+        manifest = json.loads(file.read_text())
+    except OSError as exc:
+        raise WeightsError(f"{file}: cannot read manifest ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{file}: manifest is not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise WeightsError(f"{file}: not an msda weights manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def _load_ours(path: Path, schema: FeatureSchema | None) -> DenseSME:
+    directory = path if path.is_dir() else path.parent
+    manifest = read_manifest(directory)
+    recorded = FeatureSchema.from_dict(manifest["schema"], source=str(directory / MANIFEST))
+    if schema is not None and not schema.same_layout(recorded):
+        raise WeightsError(
+            f"{directory}: weights were trained with schema {recorded.name!r} "
+            f"({recorded.n_features} features), not {schema.name!r} ({schema.n_features} features)"
+        )
+    try:
+        specs = [MemberSpec(int(m["depth"]), int(m["width"])) for m in manifest["members"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{directory / MANIFEST}: malformed members list ({exc})") from None
+    try:
+        tensors = load_file(str(directory / TENSORS))
+    except (OSError, SafetensorError) as exc:
+        raise WeightsError(f"{directory / TENSORS}: cannot read safetensors ({exc})") from None
+    ensemble = DenseSME(specs, schema=recorded)
+    for spec, member in zip(specs, ensemble.members):
+        prefix = spec.name + "."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _load_member(member, state, f"{directory / TENSORS} member {spec.name}")
+    names = {s.name for s in specs}
+    stray = sorted({k.split(".", 1)[0] for k in tensors} - names)
+    if stray:
+        raise WeightsError(f"{directory / TENSORS}: tensors of members {stray} not in the manifest")
+    ensemble.provenance = manifest.get("provenance", {})  # type: ignore[attr-defined]
+    return ensemble
+
+
+# ----- the authors' format ------------------------------------------------------------------
+def parse_member_file(path: Path) -> MemberSpec:
+    """(depth, width) from a file name such as ``DenseSM_3_64.pt`` (first ``d_w`` pair)."""
+    m = _PAIR.search(path.stem)
+    if not m:
+        raise WeightsError(f"{path}: no '<depth>_<width>' pair in the file name (e.g. 'DenseSM_3_64.pt')")
+    return MemberSpec(int(m.group(1)), int(m.group(2)))
+
+
+def _authors_state(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalise the key layouts the authors' code writes: bare DWN, ``0.``-prefixed, ``fe.``/``mv.``."""
+    if raw and all(k.startswith("0.") for k in raw):
+        raw = {k[2:]: v for k, v in raw.items()}
+    if any(k.startswith("fe.") for k in raw):
+        raw = {
+            ("out." + k[3:] if k.startswith("mv.") else k[3:] if k.startswith("fe.") else k): v
+            for k, v in raw.items()
+        }
+    return raw
+
+
+def _load_authors(path: Path, schema: FeatureSchema | None) -> DenseSME:
+    if schema is not None and not schema.is_default:
+        raise WeightsError(
+            f"{path}: the authors' weights fit only the default Table 1 schema (15 scalars + 3 x 46 "
+            f"series, 153 features); schema {schema.name!r} has {schema.n_features} features"
+        )
+    files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+    if not files:
+        raise WeightsError(f"{path}: no .pt member files in this directory")
+    specs = [parse_member_file(f) for f in files]
+    order = sorted(range(len(files)), key=lambda i: (specs[i].depth, specs[i].width))
+    files, specs = [files[i] for i in order], [specs[i] for i in order]
+    seen: dict[str, Path] = {}
+    for f, s in zip(files, specs):
+        if s.name in seen:
+            raise WeightsError(f"{f}: member {s.name} given twice (also {seen[s.name].name})")
+        seen[s.name] = f
+    ensemble = DenseSME(specs, schema=DEFAULT_SCHEMA)
+    for f, spec, member in zip(files, specs, ensemble.members):
+        try:
+            raw = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types
+            raise WeightsError(f"{f}: not a loadable PyTorch state dict ({type(exc).__name__}: {exc})") from None
+        if not isinstance(raw, dict):
+            raise WeightsError(f"{f}: expected a state dict, found {type(raw).__name__}")
+        _load_member(member, _authors_state(raw), f"{f} (member {spec.name})")
+    ensemble.provenance = {"source": "authors' .pt state dicts", "path": str(path)}  # type: ignore[attr-defined]
+    return ensemble
+
+
+def save_authors(ensemble: DenseSME, directory: str | Path, prefix: str = "DenseSM") -> Path:
+    """Write one ``<prefix>_<d>_<w>.pt`` state dict per member, as the authors' code reads them."""
+    directory = Path(directory)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        for spec, member in zip(ensemble.specs, ensemble.members):
+            torch.save(member.state_dict(), tmp / f"{prefix}_{spec.depth}_{spec.width}.pt")
+    return directory
+
+
+# ----- shared -------------------------------------------------------------------------------
+def _load_member(member: DenseSM, state: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load with a message that names the member and the key."""
+    expected = member.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise WeightsError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing)")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise WeightsError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise WeightsError(
+                f"{where}: key {k!r} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}"
+            )
+    member.load_state_dict(state, strict=True)
+
+
+def load_ensemble(path: str | Path, schema: FeatureSchema | None = None) -> DenseSME:
+    """Load DenseSM-E weights from our directory, the authors' directory of ``.pt``, or one file.
+
+    ``schema`` (optional) is checked against the weights' schema. The model is in eval mode.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or directory")
+    if (path.is_dir() and (path / MANIFEST).exists()) or path.suffix == ".safetensors" or path.name == MANIFEST:
+        ensemble = _load_ours(path, schema)
+    elif path.is_dir() or path.suffix in (".pt", ".pth"):
+        ensemble = _load_authors(path, schema)
+    else:
+        raise WeightsError(f"{path}: not a weights directory, .safetensors or .pt file")
+    return ensemble.eval()
