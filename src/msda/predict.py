@@ -206,7 +206,9 @@ def predict(
 ) -> Prediction:
     """Predict normalised inputs x (n, n_features) in batches, without gradients."""
     engine = ensemble if isinstance(ensemble, FusedEnsemble) else FusedEnsemble(ensemble.eval(), _resolve_device(device))
-    x = torch.as_tensor(x, dtype=torch.float32)
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
+    x = x.to(torch.float32)
     outs = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(engine.device, non_blocking=True)

@@ -215,8 +215,8 @@ def _from_authors(
         bad = edate.isna()
         if bad.any():
             raise TableError(f"{source}: column 'edate' is not a serial day at rows {_rows(bad)}")
+        frame = frame.drop(columns="edate").copy()
         frame["date"] = edate_to_date(edate)
-        frame = frame.drop(columns="edate")
     return frame, kind
 
 
