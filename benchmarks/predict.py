@@ -90,6 +90,11 @@ def main() -> None:
 
     engine = FusedEnsemble(e)
     results = {"msda fused": rate(lambda b: predict(engine, b, batch_size=args.batch), x, args.seconds)}
+    t0 = time.perf_counter()
+    compiled = FusedEnsemble(e, compile=True)
+    predict(compiled, x[:1])
+    print(f"torch.compile of the convolution stage: {time.perf_counter() - t0:.1f} s (once)")
+    results["msda fused+compile"] = rate(lambda b: predict(compiled, b, batch_size=args.batch), x, args.seconds)
 
     def plain(b):
         with torch.inference_mode():

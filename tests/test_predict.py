@@ -95,3 +95,11 @@ def test_cuda_matches_cpu(small_ensemble):
     a = predict(small_ensemble, x, device="cpu")
     b = predict(small_ensemble, x, device="cuda")
     np.testing.assert_allclose(a.members, b.members, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_conv_stage_matches(small_ensemble):
+    """torch.compile path (fixed sub-batch shape, tail padded) gives the eager numbers."""
+    x = torch.rand(150, 153)  # 64 + 64 + a padded tail of 22
+    got = FusedEnsemble(small_ensemble, compile=True).member_outputs(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, small_ensemble.member_outputs(x), rtol=1e-5, atol=1e-5)

@@ -53,6 +53,7 @@ def predict(
     chunk_rows: int = typer.Option(200_000, min=1, help="Rows read at a time (bounds memory)."),
     members: bool = typer.Option(True, "--members/--no-members", help="Write each member's prediction."),
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the convolutions (pays on large tables)."),
 ) -> None:
     """Predict soil moisture (m3/m3): ensemble mean, member spread and per-member values."""
     from msda.predict import predict_table
@@ -61,7 +62,7 @@ def predict(
     sch = _schema(schema)
     ensemble = load_ensemble(weights, schema=sch if schema is not None else None)
     t0 = time.perf_counter()
-    rows = predict_table(ensemble, samples, out, chunk_rows, batch, device, members, drop_nan)
+    rows = predict_table(ensemble, samples, out, chunk_rows, batch, device, members, drop_nan, compile=compile)
     dt = time.perf_counter() - t0
     typer.echo(f"wrote {out}: {rows} rows, {len(ensemble.specs)} members, {rows / dt:,.0f} samples/s")
 

@@ -119,11 +119,21 @@ class FusedEnsemble:
     Convolutions run channels-last: the first (shared input) as one GEMM over all members, the
     next two as one batched GEMM per kernel tap. They run on sub-batches of ``conv_batch``
     samples, small enough to stay in cache; the dense part runs on the whole batch.
+    ``compile=True`` fuses the convolution stage with ``torch.compile`` (a one-off compilation
+    of some seconds that pays for large tables and maps; needs a C++ compiler on CPU).
     """
 
-    def __init__(self, ensemble: DenseSME, device: str | torch.device = "cpu", conv_batch: int = 128):
+    def __init__(
+        self,
+        ensemble: DenseSME,
+        device: str | torch.device = "cpu",
+        conv_batch: int | None = None,
+        compile: bool = False,
+    ):
         self.device = torch.device(device)
-        self.conv_batch = conv_batch
+        self.conv_batch = conv_batch or (64 if compile else 128)
+        self._conv = torch.compile(self._conv_features, dynamic=False) if compile else self._conv_features
+        self.compiled = compile
         self.names = ensemble.names
         members = list(ensemble.members)
         first = members[0]
@@ -160,7 +170,8 @@ class FusedEnsemble:
         h = h.view(b, self.length, m * self.c1)[:, : self.l1 * w0].reshape(b, self.l1, w0, m * self.c1).mean(2)
         # conv2, per member
         lp = self.l1 + 2 * pad
-        h = _replicate_pad(h, 1).view(b, lp, m, self.c1).permute(2, 0, 1, 3).reshape(m, b * lp, self.c1)
+        # (b, lp, m*c1) viewed as m strided (b*lp, c1) matrices: no copy, batched GEMM reads in place
+        h = _replicate_pad(h, 1).view(b * lp, m, self.c1).transpose(0, 1)
         h = _conv_taps(h, self.taps[0], self.tap_bias[0])
         h = F.pad(h, (0, 0, 0, 2 * pad)).view(m, b, lp, c2)[:, :, : self.l2 * w1_].relu_()
         h = h.reshape(m, b, self.l2, w1_, c2).mean(3)
@@ -173,20 +184,26 @@ class FusedEnsemble:
         # (m, b, L3, C3) -> (b, m, C3 * L3), channel-major like Conv1d output flattening
         return torch.stack(pooled, dim=3).permute(1, 0, 2, 3).reshape(b, m, -1)
 
+    def _conv_chunk(self, series: torch.Tensor) -> torch.Tensor:
+        n = series.shape[0]
+        if self.compiled and n < self.conv_batch:  # one shape for the compiled graph
+            series = torch.cat((series, series[-1:].expand(self.conv_batch - n, -1, -1)))
+        return self._conv(series)[:n]
+
     @torch.inference_mode()
     def member_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's prediction for normalised inputs x, shape (batch, n_members)."""
         b = x.shape[0]
-        out = torch.empty(b, self.n_members, device=x.device, dtype=x.dtype)
         if b == 0:
-            return out
+            return torch.empty(0, self.n_members, device=x.device, dtype=x.dtype)
         scalars = x[:, : self.n_scalars]
         series = x[:, self.n_scalars :].reshape(b, self.n_series, self.length)
-        conv = torch.cat([self._conv_features(s) for s in series.split(self.conv_batch)])
+        conv = torch.cat([self._conv_chunk(s) for s in series.split(self.conv_batch)])
         shared = torch.cat((scalars, series.mean(dim=2)), dim=1)
-        for j, member in enumerate(self.dense):
-            out[:, j] = member(torch.cat((shared, conv[:, j]), dim=1))
-        return out
+        return self._dense_all(shared, conv)
+
+    def _dense_all(self, shared: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(torch.cat((shared, conv[:, j]), dim=1)) for j, member in enumerate(self.dense)], 1)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -203,9 +220,14 @@ def predict(
     x: np.ndarray | torch.Tensor,
     batch_size: int = 4096,
     device: str | torch.device | None = "cpu",
+    compile: bool = False,
 ) -> Prediction:
     """Predict normalised inputs x (n, n_features) in batches, without gradients."""
-    engine = ensemble if isinstance(ensemble, FusedEnsemble) else FusedEnsemble(ensemble.eval(), _resolve_device(device))
+    engine = (
+        ensemble
+        if isinstance(ensemble, FusedEnsemble)
+        else FusedEnsemble(ensemble.eval(), _resolve_device(device), compile=compile)
+    )
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
     x = x.to(torch.float32)
@@ -232,6 +254,7 @@ def predict_table(
     with_members: bool = True,
     drop_nan: bool = False,
     progress: bool = True,
+    compile: bool = False,
 ) -> int:
     """Stream ``table`` through the ensemble into ``out`` (.parquet or .csv); returns rows written.
 
@@ -240,7 +263,7 @@ def predict_table(
     out = Path(out)
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise MsdaError(f"{out}: output must end in .parquet or .csv")
-    engine = FusedEnsemble(ensemble.eval(), _resolve_device(device))
+    engine = FusedEnsemble(ensemble.eval(), _resolve_device(device), compile=compile)
     rows = 0
     with atomic_path(out) as tmp:
         writer = None
