@@ -5,10 +5,25 @@ import pandas as pd
 import pytest
 import torch
 
-from msda.demo import random_raw_inputs
 from msda.model import DenseSME, MemberSpec
 from msda.schema import DEFAULT_SCHEMA
 from msda.tables import Samples, samples_from_frame
+
+
+def random_raw_inputs(n: int, schema=DEFAULT_SCHEMA, seed: int = 0) -> pd.DataFrame:
+    """Raw inputs drawn uniformly in each input's range; encoded inputs from their sources."""
+    rng = np.random.default_rng(seed)
+    raw: dict[str, np.ndarray] = {}
+    for s in schema.scalars:
+        if s.encoding is None:
+            raw[s.name] = rng.uniform(s.lo, s.hi, n)
+        elif s.encoding.source not in raw:
+            hi = s.encoding.period if s.encoding.func != "ratio" else s.encoding.period * s.hi
+            raw[s.encoding.source] = rng.uniform(0, hi, n)
+    for s in schema.series:
+        for c in s.column_names():
+            raw[c] = rng.uniform(s.lo, s.hi, n)
+    return pd.DataFrame(raw)
 
 
 def make_frame(kind: str = "fine", n_stations: int = 4, n_dates: int = 6, seed: int = 0) -> pd.DataFrame:

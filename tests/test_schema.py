@@ -5,10 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from msda.demo import random_raw_inputs
 from msda.errors import SchemaError
 from msda.model import DenseSM
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema, load_schema, table1
+
+from conftest import random_raw_inputs
 
 
 def test_table1_layout_matches_method():
