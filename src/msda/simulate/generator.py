@@ -42,10 +42,10 @@ NETWORKS: dict[str, NetworkSpec] = {
     "ARM": NetworkSpec(17, 4055, 4396, clusters=((-97.5, 36.6),), cluster_radius_deg=1.2),
     "FLUXNET-AMERIFLUX": NetworkSpec(5, 875, 2947, clusters=((-89.0, 40.0), (-105.5, 40.0), (-110.0, 31.8)), cluster_radius_deg=1.0),
     "iRON": NetworkSpec(9, 1263, 2183, clusters=((-116.75, 43.15),), cluster_radius_deg=0.35),
-    "PBO_H2O": NetworkSpec(134, 6398, 49498, region=(-123.5, -104.0, 31.5, 48.5)),
-    "SCAN": NetworkSpec(187, 33542, 50782, region=(-123.0, -68.0, 26.0, 48.5)),
+    "PBO_H2O": NetworkSpec(134, 6398, 49498, region=(-124.5, -104.0, 31.0, 49.0)),
+    "SCAN": NetworkSpec(187, 33542, 50782, region=(-124.5, -67.0, 25.0, 49.0)),
     "SOILSCAPE": NetworkSpec(25, 245, 3476, clusters=((-120.9, 38.4), (-110.9, 31.7), (-122.0, 40.5)), cluster_radius_deg=0.5),
-    "USCRN": NetworkSpec(103, 20169, 26014, region=(-123.0, -68.0, 26.0, 48.5)),
+    "USCRN": NetworkSpec(103, 20169, 26014, region=(-124.5, -67.0, 25.0, 49.0)),
 }
 
 
@@ -87,6 +87,31 @@ class Benchmark:
     series: dict[str, pd.DataFrame] = field(default_factory=dict)  # daily series for plots
 
 
+# A coarse outline of the conterminous US (lon, lat): stations and cells fall on land
+CONUS_OUTLINE = (
+    (-124.7, 48.4), (-123.0, 49.0), (-95.2, 49.0), (-89.6, 48.0), (-84.8, 46.5), (-82.4, 45.3), (-82.5, 42.0),
+    (-79.0, 42.9), (-76.0, 44.0), (-74.7, 45.0), (-71.5, 45.0), (-69.2, 47.4), (-67.0, 44.8), (-70.0, 41.8),
+    (-74.0, 40.5), (-76.0, 37.0), (-75.5, 35.2), (-81.0, 31.5), (-80.0, 27.0), (-80.4, 25.2), (-81.8, 26.5),
+    (-83.0, 29.5), (-85.0, 29.7), (-89.5, 30.2), (-89.5, 29.0), (-94.0, 29.5), (-97.2, 27.8), (-97.4, 25.9),
+    (-99.5, 27.5), (-101.4, 29.8), (-103.0, 29.0), (-104.7, 29.9), (-106.5, 31.8), (-108.2, 31.8), (-111.0, 31.3),
+    (-114.8, 32.5), (-117.1, 32.5), (-118.5, 34.0), (-120.6, 34.6), (-122.5, 37.5), (-124.2, 40.3), (-124.5, 43.0),
+)
+
+
+def _uniform_on_land(rng: np.random.Generator, n: int, box: tuple[float, float, float, float]):
+    """n points uniform over the part of a lon/lat box inside the CONUS outline (rejection)."""
+    from matplotlib.path import Path as Polygon
+
+    outline = Polygon(CONUS_OUTLINE)
+    lon0, lon1, lat0, lat1 = box
+    lons, lats = np.empty(0), np.empty(0)
+    while len(lons) < n:
+        lo, la = rng.uniform(lon0, lon1, 4 * n), rng.uniform(lat0, lat1, 4 * n)
+        inside = outline.contains_points(np.column_stack([lo, la]))
+        lons, lats = np.concatenate([lons, lo[inside]]), np.concatenate([lats, la[inside]])
+    return lons[:n], lats[:n]
+
+
 # ----- smooth fields over CONUS ---------------------------------------------------------------
 def _smooth_field(rng: np.random.Generator, n_waves: int = 6):
     """A random smooth field of lon/lat in [-1, 1] (sum of a few plane waves)."""
@@ -124,10 +149,11 @@ def _place_stations(cfg: SimConfig, rng: np.random.Generator) -> pd.DataFrame:
     for net in cfg.networks:
         spec = NETWORKS[net]
         n = max(1, int(round(spec.stations * cfg.scale)))
+        if spec.region is not None:
+            land = _uniform_on_land(rng, n, spec.region)
         for i in range(n):
             if spec.region is not None:
-                lon0, lon1, lat0, lat1 = spec.region
-                lon, lat = rng.uniform(lon0, lon1), rng.uniform(lat0, lat1)
+                lon, lat = land[0][i], land[1][i]
             else:
                 clon, clat = spec.clusters[i % len(spec.clusters)]
                 r = spec.cluster_radius_deg * np.sqrt(rng.uniform())
@@ -143,7 +169,7 @@ def _place_stations(cfg: SimConfig, rng: np.random.Generator) -> pd.DataFrame:
 
 def _pretrain_cells(cfg: SimConfig, rng: np.random.Generator) -> pd.DataFrame:
     n = max(4, int(round(cfg.pretrain_cells * cfg.scale)))
-    lon, lat = rng.uniform(-124.0, -67.5, n), rng.uniform(25.5, 49.0, n)
+    lon, lat = _uniform_on_land(rng, n, (-124.5, -67.0, 25.0, 49.0))
     x, y = lonlat_to_xy(lon, lat)
     r, c = GRID_9KM.rowcol(x, y)
     cells = pd.DataFrame({"lon": lon, "lat": lat, "r": r, "c": c}).drop_duplicates(["r", "c"]).reset_index(drop=True)
