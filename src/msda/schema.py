@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from msda.errors import SchemaError
+from msda.io import atomic_write_text
 
 EncodingFunc = Literal["sin", "cos", "ratio"]
 
@@ -316,8 +317,6 @@ class FeatureSchema:
         path = Path(path)
         d = self.to_dict()
         text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
-        from msda.io import atomic_write_text
-
         atomic_write_text(path, text)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from msda.errors import MsdaError
-from msda.grids import GRID_9KM, GRID_50M, lonlat_to_xy
+from msda.grids import GRID_9KM, GRID_50M, lonlat_to_xy, xy_to_lonlat
 from msda.schema import DEFAULT_SCHEMA
 from msda.simulate import physics
 from msda.tables import Samples, samples_from_frame
@@ -269,8 +269,6 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
     cells = pd.concat([st_cells.assign(kind="station"), pre[["r", "c"]].assign(kind="pretrain")], ignore_index=True)
     cells = cells.drop_duplicates(["r", "c"]).reset_index(drop=True)
     cx, cy = GRID_9KM.center(cells["r"].to_numpy(), cells["c"].to_numpy())
-    from msda.grids import xy_to_lonlat
-
     cells["lon"], cells["lat"] = xy_to_lonlat(cx, cy)
     n_cells = len(cells)
     is_pre = (cells["kind"] == "pretrain").to_numpy()
@@ -370,7 +368,7 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
     def speckle(n: int, looks: float) -> np.ndarray:
         return rng.gamma(looks, 1.0 / looks, n)
 
-    def features(sub_or_cell: np.ndarray, cell: np.ndarray, d: np.ndarray, angle: np.ndarray, vv: np.ndarray,
+    def features(cell: np.ndarray, d: np.ndarray, angle: np.ndarray, vv: np.ndarray,
                  vh: np.ndarray, soil: dict[str, np.ndarray], ndvi_daily: np.ndarray, ndvi_col: np.ndarray) -> pd.DataFrame:
         raw = {
             "vv": physics.db(vv), "vh": physics.db(vh), "angle": angle, "doy": days[d].day_of_year.to_numpy().astype(float),
@@ -418,7 +416,7 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
     vv, vh = vv * speckle(len(sub), looks_50m), vh * speckle(len(sub), looks_50m)
     soil = {"sand": sand[sub] * 10, "clay": clay[sub] * 10, "bulk_density": bulk[sub], "elevation": elev[sub],
             "slope": slope[sub], "aspect_deg": aspect[sub]}
-    feats = features(sub, st_cell[si], sd, sa, vv, vh, soil, ndvi, sub)
+    feats = features(st_cell[si], sd, sa, vv, vh, soil, ndvi, sub)
     offset = rng.normal(0, 0.02, len(stations))  # sensor calibration / representativeness, per station
     truth = sm[sd, sub] + offset[si] + rng.normal(0, 0.01, len(sub))
     truth = np.clip(truth, 0.01, hyd["porosity"][sub])
@@ -455,7 +453,7 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
         soil = {"sand": sand_c[ci] * 10, "clay": clay_c[ci] * 10,
                 "bulk_density": bulk[subs].mean(1), "elevation": elev[subs].mean(1), "slope": slope[subs].mean(1),
                 "aspect_deg": np.degrees(np.arctan2(np.sin(np.radians(aspect[subs])).mean(1), np.cos(np.radians(aspect[subs])).mean(1))) % 360}
-        feats = features(ci, ci, di, ai, vv, vh, soil, ndvi_cell, ci)
+        feats = features(ci, di, ai, vv, vh, soil, ndvi_cell, ci)
         ids = pd.DataFrame({
             "network": [name_of[j][0] for j in ci], "station": [name_of[j][1] for j in ci],
             "r": cells["r"].to_numpy()[ci], "c": cells["c"].to_numpy()[ci], "date": days[di],
