@@ -34,6 +34,9 @@ def test_normalise_round_trip_and_clip():
     z = DEFAULT_SCHEMA.normalise(feats)
     assert z.dtype == np.float32 and z.min() >= 0 and z.max() <= 1
     back = DEFAULT_SCHEMA.denormalise(z)
+    np.testing.assert_allclose(DEFAULT_SCHEMA.denormalise_column("elevation", z[:, 8]), back["elevation"])
+    with pytest.raises(SchemaError, match="no feature 'vv_db'"):
+        DEFAULT_SCHEMA.denormalise_column("vv_db", z[:, 0])
     span = DEFAULT_SCHEMA.hi - DEFAULT_SCHEMA.lo
     assert np.all(np.abs(back.to_numpy() - feats.to_numpy()) <= 1e-6 * span + 1e-7)
     # out-of-range values clip to the bounds

@@ -17,8 +17,7 @@ def bench():
 
 
 def _raw(frame, name):
-    i = DEFAULT_SCHEMA.feature_names.index(name)
-    return DEFAULT_SCHEMA.lo[i] + frame[name].to_numpy() * (DEFAULT_SCHEMA.hi[i] - DEFAULT_SCHEMA.lo[i])
+    return DEFAULT_SCHEMA.denormalise_column(name, frame[name])
 
 
 def test_deterministic():

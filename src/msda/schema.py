@@ -194,6 +194,13 @@ class FeatureSchema:
         x = self._lo + z * (self._hi - self._lo)
         return pd.DataFrame(x, columns=self.feature_names)
 
+    def denormalise_column(self, name: str, normalised: np.ndarray | pd.Series) -> np.ndarray:
+        """One feature column from [0, 1] back to raw units (``denormalise`` for a single column)."""
+        if name not in self.feature_names:
+            raise SchemaError(f"schema {self.name!r} has no feature {name!r}")
+        i = self.feature_names.index(name)
+        return self._lo[i] + np.asarray(normalised, dtype=np.float64) * (self._hi[i] - self._lo[i])
+
     def decode(self, features: pd.DataFrame) -> pd.DataFrame:
         """Recover raw source columns (``doy``, ``aspect_deg``, ...) from their encodings.
 

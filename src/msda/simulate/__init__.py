@@ -30,7 +30,7 @@ def write_benchmark(bench: Benchmark, out: str | Path, fmt: str = "parquet", plo
         for samples, name in zip((bench.fine, bench.coarse, bench.pretrain), FILES[fmt]):
             write_samples(samples, tmp / name)
         bench.stations.to_csv(tmp / "stations.csv", index=False)
-        meta = provenance(generator="msda.simulate", **{k: v for k, v in vars(bench.config).items()})
+        meta = provenance(generator="msda.simulate", **vars(bench.config))
         meta["counts"] = {"fine": len(bench.fine), "coarse": len(bench.coarse), "pretrain": len(bench.pretrain),
                           "stations": len(bench.stations)}
         (tmp / "settings.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -253,7 +253,7 @@ def _split_total(total: int, n: int, caps: np.ndarray, rng: np.random.Generator,
     return k
 
 
-def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
+def simulate(cfg: SimConfig | None = None) -> Benchmark:
     """Generate the fine, coarse and pretraining tables (deterministic for ``cfg.seed``)."""
     cfg = cfg or SimConfig()
     cfg.check()
@@ -326,7 +326,8 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
     n_years = (len(days) - first) / 365.25
     fine_target = {n: NETWORKS[n].fine_samples * (stations["network"] == n).sum() / NETWORKS[n].stations for n in cfg.networks}
     coarse_target = {n: NETWORKS[n].coarse_samples * (stations["network"] == n).sum() / NETWORKS[n].stations for n in cfg.networks}
-    first_net = stations.drop_duplicates(["r", "c"]).set_index(["r", "c"])["network"]
+    first_station = stations.drop_duplicates(["r", "c"])  # a 9 km cell is named after its first station
+    first_net = first_station.set_index(["r", "c"])["network"]
     cells_per_net = first_net.value_counts()
     passes = np.full(n_cells, 2)
     for i in range(len(st_cells)):
@@ -340,9 +341,11 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
     smap_pm = rng.uniform(size=(len(days), n_cells)) < 0.55
 
     # SMAP-like 9 km soil moisture: footprint mean, ~2-day smoothing, cell bias, noise, AM/PM
-    cell_mean = np.zeros((len(days), n_cells), dtype=np.float64)
-    np.add.at(cell_mean.T, sub_cell[: n_cells * SUBCELLS], sm[:, : n_cells * SUBCELLS].T)
-    cell_mean /= SUBCELLS
+    def footprint_mean(daily: np.ndarray) -> np.ndarray:
+        """(days, cells): mean over each 9 km cell's SUBCELLS 50 m cells (stored cell by cell)."""
+        return daily[:, : n_cells * SUBCELLS].reshape(len(days), n_cells, SUBCELLS).mean(2, dtype=np.float64)
+
+    cell_mean = footprint_mean(sm)
     smooth = cell_mean.copy()
     for d in range(1, len(days)):
         smooth[d] = 0.6 * cell_mean[d] + 0.4 * smooth[d - 1]
@@ -389,7 +392,6 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
     lc_code = np.where(ndvi_max > 0.75, 4, np.where(ndvi_max > 0.6, 12, np.where(ndvi_max > 0.45, 10, 7)))
 
     # fine: each station's own 50 m cell, on Sentinel-1 dates of its record
-    fine_parts = []
     caps = np.array([len(s1[j][0]) for j in st_cell])
     if caps.min() <= 5:
         i = int(np.argmin(caps))
@@ -425,13 +427,10 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
         "r": stations["r"].to_numpy()[si], "c": stations["c"].to_numpy()[si], "date": days[sd],
         "lc": lc_code[sub], "sm_m3m3": truth,
     })
-    fine_parts.append(pd.concat([ids, feats], axis=1))
-    fine_frame = pd.concat(fine_parts, ignore_index=True)
+    fine_frame = pd.concat([ids, feats], axis=1)
 
     # 9 km: footprint means on Sentinel-1 dates with a SMAP retrieval
-    ndvi_cell = np.zeros((len(days), n_cells), dtype=np.float64)
-    np.add.at(ndvi_cell.T, sub_cell[: n_cells * SUBCELLS], ndvi[:, : n_cells * SUBCELLS].T)
-    ndvi_cell /= SUBCELLS
+    ndvi_cell = footprint_mean(ndvi)
 
     def coarse_rows(cell_idx: np.ndarray, counts: np.ndarray, name_of: list[tuple[str, str]]) -> pd.DataFrame:
         ci, di, ai = [], [], []
@@ -462,7 +461,6 @@ def simulate(cfg: SimConfig | None = None, progress: bool = False) -> Benchmark:
         return pd.concat([ids, feats], axis=1)
 
     names: list[tuple[str, str]] = [("PRETRAIN", f"cell_{r}_{c}") for r, c in zip(cells["r"], cells["c"])]
-    first_station = stations.drop_duplicates(["r", "c"])
     for _, row in first_station.iterrows():
         names[cell_of[(row["r"], row["c"])]] = (row["network"], row["station"])
     st_cell_idx = np.arange(len(st_cells))

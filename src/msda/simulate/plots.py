@@ -15,8 +15,7 @@ from msda.schema import DEFAULT_SCHEMA  # noqa: E402
 
 
 def _raw(frame: pd.DataFrame, name: str) -> np.ndarray:
-    i = DEFAULT_SCHEMA.feature_names.index(name)
-    return DEFAULT_SCHEMA.lo[i] + frame[name].to_numpy() * (DEFAULT_SCHEMA.hi[i] - DEFAULT_SCHEMA.lo[i])
+    return DEFAULT_SCHEMA.denormalise_column(name, frame[name])
 
 
 def draw_all(bench, out: Path) -> list[Path]:
