@@ -1,0 +1,458 @@
+"""All members of a DenseSM-E as stacked tensors, so that one step trains every member.
+
+Training 25 members one after another (as the authors' code does) costs thousands of small
+PyTorch calls per batch. Here the members share each batch and their parameters are stacked:
+
+- the convolution stage and the input norm have the same shapes in every member, so each layer
+  is one batched matrix product over the members (the first convolution, whose input is the
+  same for all members, is a single GEMM);
+- the dense blocks are grouped by width: block k of every member of width w that is deeper
+  than k is one batched product;
+- the bottlenecks of one width group take inputs of different lengths (30 + d*w); they are
+  zero-padded at the front to the deepest member's length. The padded weight entries see only
+  zero inputs, so their gradients, Adam moments and updates are exactly zero: they stay zero.
+
+The mathematics is that of independent members: each member's loss depends only on its own
+parameters, so the gradient of the summed loss is each member's own gradient, and one Adam over
+all stacked parameters is one Adam per member. ``tests/test_stacked.py`` checks outputs,
+features and gradients against the per-member ``DenseSM`` modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msda.model import CONV_FILTERS, DROPOUT, KERNEL, POOL_WINDOWS, DenseSM, DenseSME, MemberSpec
+from msda.schema import FeatureSchema
+
+_BN_MOMENTUM = 0.1
+_BN_EPS = 1e-5
+CHUNK_BYTES = 30 * 1024 * 1024  # under glibc's largest mmap threshold (32 MiB)
+
+
+assert DROPOUT == 0.5, "the fast dropout below draws fair coins (p = 0.5, the model's rate)"
+_BIT_TABLE = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float()  # byte -> its 8 bits
+
+
+def coin_mask(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, keep_scale: float) -> torch.Tensor:
+    """Dropout mask for p = 0.5: each element is 0 or ``keep_scale`` with probability 1/2.
+
+    A fair coin is one random bit: 64-bit random words are split into bytes and each byte is
+    looked up in a byte -> 8 bits table. This is ~10x faster on CPU than ``bernoulli_``, which
+    draws one float per element; the distribution is the same (independent Bernoulli(1/2)).
+    Drawn from torch's global generator.
+    """
+    n = math.prod(shape)
+    words = torch.empty(-(-n // 64), dtype=torch.int64, device=device).random_(-(2**63), None)
+    table = (_BIT_TABLE * keep_scale).to(device=device, dtype=dtype)
+    return table.index_select(0, words.view(torch.uint8).int()).view(-1)[:n].view(shape)
+
+
+def _dropout(x: torch.Tensor, training: bool) -> torch.Tensor:
+    if not training:
+        return x
+    return x * coin_mask(tuple(x.shape), x.device, x.dtype, 2.0)
+
+
+class _ReluDropoutPool2(torch.autograd.Function):
+    """avg_pool(dropout(relu(z)), 2) along axis ``dim`` (floor mode), dropout p = 0.5.
+
+    Dropout's x2 and the pool's /2 cancel, so the output is the sum of kept pairs. The backward
+    pass keeps one tensor (the kept values) instead of three, and is one product: the gradient
+    reaches z where z > 0 and the coin kept it, i.e. where the kept value is positive.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, training: bool, dim: int) -> torch.Tensor:
+        dim = dim % z.dim()
+        kept = F.relu(z)
+        if training:
+            kept = kept.mul_(coin_mask(tuple(z.shape), z.device, z.dtype, 1.0))
+        half = z.shape[dim] // 2
+        even = kept.narrow(dim, 0, 2 * half)
+        out = even.unflatten(dim, (half, 2)).select(dim + 1, 0) + even.unflatten(dim, (half, 2)).select(dim + 1, 1)
+        ctx.save_for_backward(kept)
+        ctx.training, ctx.dim = training, dim
+        return out if training else out.mul_(0.5)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (kept,) = ctx.saved_tensors
+        dim = ctx.dim
+        half = grad.shape[dim]
+        # 1 where the kept value is positive (z > 0 and kept by the coin), else 0; exact for
+        # every positive float, and two vectorised passes (torch.sign is not vectorised on CPU)
+        passed = kept.narrow(dim, 0, 2 * half).clamp(max=1.0).ceil_()
+        g = grad.unsqueeze(dim + 1)
+        if not ctx.training:
+            g = g * 0.5
+        gz = passed.unflatten(dim, (half, 2)).mul_(g).flatten(dim, dim + 1)
+        if kept.shape[dim] > 2 * half:
+            pad = [0, 0] * (kept.dim() - 1 - dim) + [0, kept.shape[dim] - 2 * half]
+            gz = F.pad(gz, pad)
+        return gz, None, None
+
+
+def _avg_pool(x: torch.Tensor, window: int, ceil: bool = False) -> torch.Tensor:
+    """``F.avg_pool1d`` on the last axis as a sum of strided views (several times faster on CPU)."""
+    length = x.shape[-1]
+    full = length // window
+    y = x[..., 0 : full * window : window]
+    for k in range(1, window):
+        y = y + x[..., k : full * window : window]
+    y = y * (1.0 / window)
+    if ceil and length % window:
+        y = torch.cat((y, x[..., full * window :].mean(dim=-1, keepdim=True)), dim=-1)
+    return y
+
+
+class _BN(nn.Module):
+    """Batch norm of ``n`` stacked channels (members x channels), flattened for ``F.batch_norm``."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = shape
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("running_mean", torch.zeros(shape))
+        self.register_buffer("running_var", torch.ones(shape))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x2d: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
+        """``x2d``: (rows, channels[, length]), the channels of ``members``; statistics over rows (and length)."""
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x2d,
+            self.running_mean[members].view(-1),
+            self.running_var[members].view(-1),
+            self.weight[members].reshape(-1),
+            self.bias[members].reshape(-1),
+            self.training,
+            _BN_MOMENTUM,
+            _BN_EPS,
+        )
+
+
+class _Linear(nn.Module):
+    """``g`` stacked Linear layers, weights (g, out, in) as in ``nn.Linear``."""
+
+    def __init__(self, g: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(g, n_out, n_in))
+        self.bias = nn.Parameter(torch.zeros(g, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (g, B, in) -> (g, B, out)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class _Conv(nn.Module):
+    """``m`` stacked Conv1d layers (kernel 5, replicate padding) as one grouped convolution.
+
+    Channels are member-major (member 0's channels first).
+    """
+
+    def __init__(self, m: int, c_in: int, c_out: int, pool: int):
+        super().__init__()
+        self.m, self.pool = m, pool
+        self.weight = nn.Parameter(torch.zeros(m, c_out, c_in, KERNEL))
+        self.bias = nn.Parameter(torch.zeros(m, c_out))
+        self.bn = _BN((m, c_out))
+
+    def forward(self, x: torch.Tensor, training: bool, members: slice) -> torch.Tensor:
+        """x: (B, [k *] c_in, L) -> pool(dropout(relu(bn(conv(x))))) as (B, k * c_out, L') for k ``members``.
+
+        Pooling: window 2 in floor mode, or any other window in ceil mode (the model's three).
+        """
+        w = self.weight[members]
+        pad = F.pad(x, (KERNEL // 2, KERNEL // 2), mode="replicate")
+        y = F.conv1d(pad, w.flatten(0, 1), self.bias[members].flatten(), groups=w.shape[0])
+        if self.pool == 2:
+            return _ReluDropoutPool2.apply(self.bn(y, members), training, -1)
+        return _avg_pool(_dropout(F.relu(self.bn(y, members)), training), self.pool, ceil=True)
+
+
+class _ToeplitzConv(_Conv):
+    """A short convolution as one matrix per member: (c_in x L) -> (c_out x L).
+
+    For the last layer (16 -> 4 channels on 11 steps) the convolution kernels are too small
+    for oneDNN to run well (its backward pass took ~8x its arithmetic); the equivalent banded
+    matrix (replicate padding included) runs as one batched matrix product over the members.
+    """
+
+    def forward(self, x: torch.Tensor, training: bool, members: slice) -> torch.Tensor:
+        b, kc, length = x.shape
+        w = self.weight[members]  # (k, c_out, c_in, K)
+        k, c_out, c_in, _ = w.shape
+        taps = _replicate_taps(length, x.device, x.dtype)  # (K, L_out, L_in)
+        band = torch.einsum("kois,sml->kilom", w, taps).reshape(k, c_in * length, c_out * length)
+        xs = x.view(b, k, c_in * length).transpose(0, 1)  # (k, B, c_in * L)
+        y = torch.baddbmm(self.bias[members].repeat_interleave(length, dim=1).unsqueeze(1), xs, band)
+        y = y.view(k, b, c_out, length).transpose(0, 1).reshape(b, k * c_out, length)
+        return _avg_pool(_dropout(F.relu(self.bn(y, members)), training), self.pool, ceil=True)
+
+
+def _replicate_taps(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """taps[s, m, l] = 1 where output step m reads input step l through tap s (replicate padding)."""
+    src = (torch.arange(length).unsqueeze(0) + torch.arange(KERNEL).unsqueeze(1) - KERNEL // 2).clamp(0, length - 1)
+    return F.one_hot(src, length).to(device=device, dtype=dtype)  # (K, L, L)
+
+
+class _SharedConv(_Conv):
+    """The first convolution: every member sees the same series, so its batch norm folds.
+
+    The batch statistics of the outputs follow from the weights and the statistics of the input
+    patches: mean = W mu + b and var = diag(W Sigma W^T), with mu and Sigma (15 x 15 for three
+    series) the mean and covariance of the patches. Folding the normalisation into the weights
+    gives the normalised output from one matrix product, without the two passes of batch norm
+    over the largest activation; autograd differentiates through mean and var, so gradients are
+    those of training-mode batch norm.
+    """
+
+    def forward(
+        self,
+        patches: torch.Tensor,
+        stats: tuple[torch.Tensor, torch.Tensor, int] | None,
+        training: bool,
+        members: slice,
+        length: int,
+    ) -> torch.Tensor:
+        """patches (B * L, c_in * K); stats (mu, Sigma, n) of the patches in training mode, else None.
+
+        Returns pool(dropout(relu(bn(conv)))) as (B, k * c_out, L / 2).
+        """
+        w = self.weight[members].flatten(2).flatten(0, 1)  # (k * c_out, c_in * K)
+        b = self.bias[members].flatten()
+        bn = self.bn
+        gamma, beta = bn.weight[members].flatten(), bn.bias[members].flatten()
+        if stats is not None:
+            mu, sigma, n = stats
+            mean = w @ mu + b
+            var = ((w @ sigma) * w).sum(dim=1)
+            with torch.no_grad():
+                bn.running_mean[members].view(-1).lerp_(mean.detach(), _BN_MOMENTUM)
+                bn.running_var[members].view(-1).lerp_(var.detach() * (n / (n - 1)), _BN_MOMENTUM)
+                if members.start in (None, 0):
+                    bn.num_batches_tracked.add_(1)
+        else:
+            mean, var = bn.running_mean[members].flatten(), bn.running_var[members].flatten()
+        scale = gamma * torch.rsqrt(var + _BN_EPS)
+        y = torch.addmm((b - mean) * scale + beta, patches.view(-1, w.shape[1]), (w * scale[:, None]).t())
+        pooled = _ReluDropoutPool2.apply(y.view(-1, length, y.shape[1]), training, 1)  # (B, L/2, k*c_out)
+        return pooled.transpose(1, 2).contiguous()  # channels first for the next convolution
+
+    @staticmethod
+    def patches(series: torch.Tensor, training: bool):
+        """Replicate-padded windows (B * L, c_in * K) and, in training mode, their mean and covariance."""
+        b, c, length = series.shape
+        pad = F.pad(series, (KERNEL // 2, KERNEL // 2), mode="replicate")
+        p = pad.unfold(2, KERNEL, 1).permute(0, 2, 1, 3).reshape(b * length, c * KERNEL)
+        if not training:
+            return p, None
+        flat = p.double()
+        mu = flat.mean(0)
+        centred = flat - mu
+        sigma = centred.T @ centred / flat.shape[0]
+        return p, (mu.to(series.dtype), sigma.to(series.dtype), flat.shape[0])
+
+
+class _WidthGroup(nn.Module):
+    """The dense blocks, bottlenecks and outputs of the members of one width, depths ascending."""
+
+    def __init__(self, width: int, depths: list[int], n_in: int, bottleneck: int):
+        super().__init__()
+        self.width, self.depths, self.n_in = width, depths, n_in
+        self.max_in = n_in + max(depths) * width
+        blocks = []
+        for k in range(max(depths)):
+            g = sum(d > k for d in depths)
+            k_in = n_in + k * width
+            blocks.append(
+                nn.ModuleDict(
+                    {
+                        "linear1": _Linear(g, k_in, width),
+                        "linear2": _Linear(g, width, width),
+                        "linear3": _Linear(g, width, width),
+                        "bn1": _BN((g, width)),
+                        "bn2": _BN((g, width)),
+                        "bn3": _BN((g, width)),
+                    }
+                )
+            )
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = _Linear(len(depths), self.max_in, bottleneck)
+        self.fc_bn = _BN((len(depths), bottleneck))
+        self.out = _Linear(len(depths), bottleneck, 1)
+
+    @staticmethod
+    def _lbr(x: torch.Tensor, lin: _Linear, bn: _BN) -> torch.Tensor:
+        y = lin(x)  # (g, B, w)
+        g, b, w = y.shape
+        y = bn(y.transpose(0, 1).reshape(b, g * w)).view(b, g, w).transpose(0, 1)
+        return F.relu(y)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (g, B, n_in) normalised inputs of the group's members -> (outputs (g, B), features (g, B, 32))."""
+        finished: list[torch.Tensor] = []
+        x = h
+        for k, blk in enumerate(self.blocks):
+            y = self._lbr(x, blk["linear1"], blk["bn1"])
+            y = self._lbr(y, blk["linear2"], blk["bn2"])
+            y = self._lbr(y, blk["linear3"], blk["bn3"])
+            x = torch.cat((y, x), dim=2)
+            n_done = sum(d == k + 1 for d in self.depths)
+            if n_done:
+                done = x[:n_done]
+                finished.append(F.pad(done, (self.max_in - done.shape[2], 0)))
+                x = x[n_done:]
+        z = torch.cat(finished, dim=0)  # (g, B, max_in), zero-padded at the front
+        f = F.relu(self.fc(z))
+        g, b, c = f.shape
+        f = self.fc_bn(f.transpose(0, 1).reshape(b, g * c)).view(b, g, c).transpose(0, 1)
+        y = self.out(f).squeeze(2)
+        return y, f
+
+
+class StackedEnsemble(nn.Module):
+    """A DenseSM-E whose members are stacked for joint training (see the module docstring).
+
+    ``forward(x)`` returns each member's prediction (n_members, B) and bottleneck features
+    (n_members, B, 32), members in the order of ``specs`` (the ensemble's order).
+    """
+
+    def __init__(self, specs: list[MemberSpec], schema: FeatureSchema):
+        super().__init__()
+        self.specs, self.schema = list(specs), schema
+        self.n_scalars, self.n_series, self.length = schema.n_scalars, schema.n_series, schema.series_length
+        probe = DenseSM(1, 1, schema)
+        self.n_in = probe.n_in
+        m = len(specs)
+        # internal order: by width, then depth, so that each width group is contiguous
+        self.order = sorted(range(m), key=lambda i: (specs[i].width, specs[i].depth))
+        self.inverse = [self.order.index(i) for i in range(m)]
+        self.conv1 = _SharedConv(m, self.n_series, CONV_FILTERS[0], POOL_WINDOWS[0])
+        self.conv2 = _Conv(m, CONV_FILTERS[0], CONV_FILTERS[1], POOL_WINDOWS[1])
+        self.conv3 = _ToeplitzConv(m, CONV_FILTERS[1], CONV_FILTERS[2], POOL_WINDOWS[2])
+        self.norm = _BN((m, self.n_in))
+        widths = sorted({s.width for s in specs})
+        self.group_sizes = []
+        groups = []
+        for w in widths:
+            depths = [specs[i].depth for i in self.order if specs[i].width == w]
+            groups.append(_WidthGroup(w, depths, self.n_in, 32))
+            self.group_sizes.append(len(depths))
+        self.groups = nn.ModuleList(groups)
+        self.dropout = True  # tests switch it off to compare with the modules deterministically
+
+    # ----- computation -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        training = self.training and self.dropout
+        b = x.shape[0]
+        m = len(self.specs)
+        scalars = x[:, : self.n_scalars]
+        series = x[:, self.n_scalars :].reshape(b, self.n_series, self.length)
+        patches, stats = _SharedConv.patches(series, self.training)
+        conv = torch.cat([self._conv_stage(patches, stats, training, part) for part in self._member_chunks(b)], dim=1)
+        shared = torch.cat((scalars, series.mean(dim=2)), dim=1)
+        base = torch.cat((shared.unsqueeze(1).expand(b, m, shared.shape[1]), conv), dim=2)
+        base = self.norm(base.reshape(b, -1)).view(b, m, self.n_in).transpose(0, 1)  # (m, B, n_in)
+        outs, feats = [], []
+        start = 0
+        for size, group in zip(self.group_sizes, self.groups):
+            y, f = group(base[start : start + size])
+            outs.append(y)
+            feats.append(f)
+            start += size
+        y = torch.cat(outs, dim=0)[self.inverse]
+        f = torch.cat(feats, dim=0)[self.inverse]
+        return y, f
+
+    def _member_chunks(self, batch: int) -> list[slice]:
+        """Members per convolution pass, so that one activation stays under ``CHUNK_BYTES``.
+
+        Blocks above glibc's largest mmap threshold (32 MiB) are mapped and unmapped on every
+        allocation; keeping activations small keeps them in the heap and in cache (~3x faster).
+        """
+        per_member = batch * CONV_FILTERS[0] * self.length * 4
+        k = max(1, min(len(self.specs), CHUNK_BYTES // max(per_member, 1)))
+        return [slice(a, min(a + k, len(self.specs))) for a in range(0, len(self.specs), k)]
+
+    def _conv_stage(self, patches: torch.Tensor, stats, training: bool, part: slice) -> torch.Tensor:
+        """Temporal features of the members in ``part``: (B, k, 4 * L3), channel-major per member."""
+        h = self.conv2(self.conv1(patches, stats, training, part, self.length), training, part)
+        h = self.conv3(h, training, part)
+        return h.reshape(h.shape[0], part.stop - part.start, -1)
+
+    # ----- conversion ------------------------------------------------------------------------
+    def _slots(self):
+        """(member index, internal position, group, position in group) for every member."""
+        start = 0
+        for gi, size in enumerate(self.group_sizes):
+            for j in range(size):
+                yield self.order[start + j], start + j, self.groups[gi], j
+            start += size
+
+    @torch.no_grad()
+    def _copy(self, members: list[DenseSM], to_stack: bool) -> None:
+        def move(stacked: torch.Tensor, index, module_tensor: torch.Tensor) -> None:
+            if to_stack:
+                stacked[index].copy_(module_tensor)
+            else:
+                module_tensor.copy_(stacked[index])
+
+        def bn(stacked: _BN, index, mod: nn.BatchNorm1d) -> None:
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                move(getattr(stacked, name), index, getattr(mod, name))
+            if to_stack:
+                stacked.num_batches_tracked.copy_(torch.maximum(stacked.num_batches_tracked, mod.num_batches_tracked))
+            else:
+                mod.num_batches_tracked.copy_(stacked.num_batches_tracked)
+
+        for i, pos, group, j in self._slots():
+            mod = members[i]
+            cb = mod.conv_block
+            for conv, mconv, mbn in ((self.conv1, cb.conv1, cb.bn1), (self.conv2, cb.conv2, cb.bn2), (self.conv3, cb.conv3, cb.bn3)):
+                move(conv.weight, pos, mconv.weight)
+                move(conv.bias, pos, mconv.bias)
+                bn(conv.bn, pos, mbn)
+            bn(self.norm, pos, mod.norm)
+            depth = mod.depth
+            for k in range(depth):
+                blk = group.blocks[k]
+                # the member's slot in block k: members deeper than k, in ascending depth order
+                slot = j - sum(d <= k for d in group.depths)
+                layer = mod.dense_layers[k]
+                for name in ("linear1", "linear2", "linear3"):
+                    move(blk[name].weight, slot, getattr(layer, name).weight)
+                    move(blk[name].bias, slot, getattr(layer, name).bias)
+                for name in ("bn1", "bn2", "bn3"):
+                    bn(blk[name], slot, getattr(layer, name))
+            fc = mod.fc_layers[0]
+            n = fc.linear1.weight.shape[1]
+            if to_stack:
+                group.fc.weight[j].zero_()
+            move(group.fc.weight[j].narrow(1, group.max_in - n, n), slice(None), fc.linear1.weight)
+            move(group.fc.bias, j, fc.linear1.bias)
+            bn(group.fc_bn, j, fc.bn1)
+            move(group.out.weight, j, mod.out.weight)
+            move(group.out.bias, j, mod.out.bias)
+
+    @classmethod
+    def from_ensemble(cls, ensemble: DenseSME) -> "StackedEnsemble":
+        """The members of ``ensemble`` stacked (same device and dtype); the ensemble is not changed."""
+        ref = next(ensemble.parameters())
+        stacked = cls(ensemble.specs, ensemble.schema).to(device=ref.device, dtype=ref.dtype)
+        stacked._copy(list(ensemble.members), to_stack=True)
+        return stacked
+
+    def to_ensemble(self) -> DenseSME:
+        """A fresh ``DenseSME`` (on the CPU, eval mode) holding the stacked parameters."""
+        ensemble = DenseSME(self.specs, schema=self.schema)
+        cpu = StackedEnsemble(self.specs, self.schema)
+        cpu.load_state_dict({k: v.detach().cpu() for k, v in self.state_dict().items()})
+        cpu._copy(list(ensemble.members), to_stack=False)
+        return ensemble.eval()

@@ -1,0 +1,465 @@
+"""Pretraining at 9 km and the four transfer methods: finetune, MS, DA, MSDA (METHOD.md section 5).
+
+Loss of one member: ``alpha * MSE_50m + (1 - alpha) * MSE_9km + beta * D(features_S, features_T)``
+with D = CORAL (Eq. 2) or MMD on the 32 bottleneck features. Three streams of ``batch`` samples
+each: labeled 50 m (one pass = one epoch), 9 km and unlabeled 50 m target (drawn without
+replacement, reshuffled only when exhausted). A stream that a method does not use is never drawn
+or computed: finetune uses the labeled stream only, MS adds 9 km, DA adds the target, MSDA all.
+
+All members train together (``msda.stacked``): each step draws one set of batches, computes
+every member's loss and takes one Adam step over the stacked parameters. Members stay
+independent: member k's loss depends only on member k's parameters, and Adam is elementwise,
+so this is the same as adapting each member alone on the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from msda.errors import MsdaError
+from msda.losses import DOMAIN_LOSSES, mse
+from msda.model import DenseSME
+from msda.runtime import tune_allocator
+from msda.schema import FeatureSchema
+from msda.stacked import StackedEnsemble
+from msda.tables import TRUTH, Samples
+
+METHODS = ("finetune", "ms", "da", "msda")
+DEFAULT_ALPHA = 0.7
+
+
+class TransferError(MsdaError):
+    """Bad settings or data for pretraining or adaptation."""
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings shared by pretraining and adaptation."""
+
+    epochs: int = 50
+    lr: float = 5e-4
+    batch: int = 128
+    average_last: int = 10  # the final weights are the mean over the last epochs
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise TransferError(f"epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise TransferError(f"learning rate must be > 0, got {self.lr}")
+        if self.batch < 2:
+            raise TransferError(f"batch must be >= 2 (batch norm and covariances), got {self.batch}")
+        if self.average_last < 1:
+            raise TransferError(f"average_last must be >= 1, got {self.average_last}")
+
+
+@dataclass
+class LossWeights:
+    """alpha, beta and the domain loss; ``beta='auto'`` is Eq. 4, resolved per member."""
+
+    alpha: float = 1.0
+    beta: float | str = 0.0
+    domain_loss: str = "coral"
+
+    @classmethod
+    def for_method(cls, method: str, alpha: float | None = None, beta: float | str | None = None, domain_loss: str = "coral") -> "LossWeights":
+        """The method table of METHOD.md: finetune (1, 0), MS (alpha, 0), DA (1, auto), MSDA (alpha, auto).
+
+        ``alpha`` may be set for MS and MSDA, ``beta`` for DA and MSDA; setting a value that the
+        method fixes is an error (use MSDA for any other combination).
+        """
+        method = method.lower()
+        if method not in METHODS:
+            raise TransferError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        uses_9km = method in ("ms", "msda")
+        uses_domain = method in ("da", "msda")
+        if alpha is not None and not uses_9km and alpha != 1:
+            raise TransferError(f"method {method} fixes alpha = 1 (no 9 km term); use ms or msda to set alpha")
+        if beta is not None and not uses_domain and beta not in (0, 0.0):
+            raise TransferError(f"method {method} fixes beta = 0 (no domain term); use da or msda to set beta")
+        weights = cls(
+            alpha=(DEFAULT_ALPHA if alpha is None else alpha) if uses_9km else 1.0,
+            beta=("auto" if beta is None else beta) if uses_domain else 0.0,
+            domain_loss=domain_loss,
+        )
+        weights.check()
+        return weights
+
+    def check(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise TransferError(f"alpha must be in [0, 1], got {self.alpha}")
+        if isinstance(self.beta, str):
+            if self.beta != "auto":
+                raise TransferError(f"beta must be 'auto' or a number >= 0, got {self.beta!r}")
+        elif not (math.isfinite(self.beta) and self.beta >= 0):
+            raise TransferError(f"beta must be 'auto' or a number >= 0, got {self.beta}")
+        if self.domain_loss not in DOMAIN_LOSSES:
+            raise TransferError(f"unknown domain loss {self.domain_loss!r}; choose one of {', '.join(DOMAIN_LOSSES)}")
+
+    @property
+    def uses_9km(self) -> bool:
+        return self.alpha < 1
+
+    @property
+    def uses_target(self) -> bool:
+        return self.beta == "auto" or self.beta > 0
+
+
+class Stream:
+    """Batches of indices drawn without replacement; a new permutation only when exhausted.
+
+    A batch that reaches the end of a permutation is completed from the next one, so every
+    index is drawn exactly once per pass.
+    """
+
+    def __init__(self, n: int, rng: np.random.Generator, device: torch.device):
+        if n < 1:
+            raise TransferError("a stream needs at least one sample")
+        self.n, self.rng, self.device = n, rng, device
+        self._perm = self._new()
+        self._pos = 0
+        self.passes = 0
+
+    def _new(self) -> torch.Tensor:
+        return torch.from_numpy(self.rng.permutation(self.n)).to(self.device)
+
+    def take(self, k: int) -> torch.Tensor:
+        parts = []
+        while k > 0:
+            if self._pos == self.n:
+                self._perm, self._pos = self._new(), 0
+                self.passes += 1
+            step = min(k, self.n - self._pos)
+            parts.append(self._perm[self._pos : self._pos + step])
+            self._pos += step
+            k -= step
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def epoch_batches(n: int, batch: int, rng: np.random.Generator, device: torch.device) -> list[torch.Tensor]:
+    """One pass over n labeled samples in shuffled batches; a last batch of 1 joins the one before."""
+    perm = torch.from_numpy(rng.permutation(n)).to(device)
+    cuts = list(range(0, n, batch)) + [n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] < 2:
+        del cuts[-2]
+    return [perm[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+class WeightAverage:
+    """Running mean of state dicts (parameters and batch-norm statistics)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.last: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def update(self, state: dict[str, torch.Tensor]) -> None:
+        self.count += 1
+        for k, v in state.items():
+            if v.is_floating_point():
+                if k in self.sums:
+                    self.sums[k] += v
+                else:
+                    self.sums[k] = v.detach().clone()
+            else:
+                self.last[k] = v.detach().clone()
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self.count:
+            raise TransferError("no weights to average")
+        return {**{k: v / self.count for k, v in self.sums.items()}, **self.last}
+
+
+@dataclass
+class FitData:
+    """Tensors of one fit, on the training device. ``coarse`` / ``target`` may be None."""
+
+    x_labeled: torch.Tensor
+    y_labeled: torch.Tensor
+    x_coarse: torch.Tensor | None = None
+    y_coarse: torch.Tensor | None = None
+    x_target: torch.Tensor | None = None
+
+
+@dataclass
+class FitResult:
+    ensemble: DenseSME
+    losses: list[dict] = field(default_factory=list)  # per member and epoch
+    beta: list[float] = field(default_factory=list)  # per member
+    seconds: float = 0.0
+    steps: int = 0
+    device: str = "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TransferError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    return dev
+
+
+@torch.no_grad()
+def eq4_beta(stacked: StackedEnsemble, data: FitData, alpha: float, domain_loss: str, chunk: int = 8192) -> torch.Tensor:
+    """Eq. 4 per member: beta = alpha * MSE_50m / D(labeled, target), pretrained member, eval mode.
+
+    Both terms use all labeled and all target samples, so that ``beta * D = alpha * MSE`` at the
+    start of training. A member whose D is 0 gets beta 0.
+    """
+    if data.x_target is None:
+        raise TransferError("beta = auto needs target samples")
+    was_training = stacked.training
+    stacked.eval()
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [stacked(part) for part in x.split(chunk)]
+        return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
+
+    y, f_s = run(data.x_labeled)
+    _, f_t = run(data.x_target)
+    stacked.train(was_training)
+    fine = mse(y, data.y_labeled)
+    dom = DOMAIN_LOSSES[domain_loss](f_s.double(), f_t.double()).to(fine.dtype)
+    return torch.where(dom > 0, alpha * fine / dom.clamp_min(torch.finfo(fine.dtype).tiny), torch.zeros_like(fine))
+
+
+def fit(
+    ensemble: DenseSME,
+    data: FitData,
+    weights: LossWeights,
+    settings: TrainSettings,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, StackedEnsemble], None] | None = None,
+    description: str = "adapt",
+) -> FitResult:
+    """Train all members of ``ensemble`` together with the loss ``weights``; returns a new ensemble.
+
+    The input ensemble is not modified. The result holds the mean of the weights at the end of
+    the last ``settings.average_last`` epochs.
+    """
+    settings.check()
+    weights.check()
+    device = resolve_device(settings.device)
+    if device.type == "cpu":
+        tune_allocator()
+    n_lab = data.x_labeled.shape[0]
+    if n_lab < 2:
+        raise TransferError(f"need at least 2 labeled samples, got {n_lab}")
+    if weights.uses_9km and (data.x_coarse is None or data.x_coarse.shape[0] < 2):
+        raise TransferError(f"alpha = {weights.alpha} < 1 needs 9 km samples, but there are none")
+    if weights.uses_target and (data.x_target is None or data.x_target.shape[0] < 2):
+        raise TransferError("the domain loss needs unlabeled target samples, but there are none")
+
+    started = time.perf_counter()
+    seeds = np.random.SeedSequence(settings.seed).spawn(3)
+    rng_lab, rng_9km, rng_tgt = (np.random.default_rng(s) for s in seeds)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)
+        stacked = StackedEnsemble.from_ensemble(ensemble).to(device)
+        x_lab, y_lab = data.x_labeled.to(device), data.y_labeled.to(device)
+        m = len(ensemble.specs)
+        if weights.beta == "auto":
+            beta = eq4_beta(stacked, FitData(x_lab, y_lab, x_target=data.x_target.to(device)), weights.alpha, weights.domain_loss)
+        else:
+            beta = torch.full((m,), float(weights.beta), device=device)
+        use_dom = weights.uses_target and bool((beta > 0).any())
+        x_c = data.x_coarse.to(device) if weights.uses_9km else None
+        y_c = data.y_coarse.to(device) if weights.uses_9km else None
+        x_t = data.x_target.to(device) if use_dom else None
+        s_9km = Stream(x_c.shape[0], rng_9km, device) if x_c is not None else None
+        s_tgt = Stream(x_t.shape[0], rng_tgt, device) if x_t is not None else None
+        domain = DOMAIN_LOSSES[weights.domain_loss]
+        alpha = float(weights.alpha)
+        opt = torch.optim.Adam(stacked.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, **_adam_kwargs(device))
+
+        def losses(xb: torch.Tensor, yb: torch.Tensor, n_l: int, n_t: int, yc: torch.Tensor | None):
+            y, f = stacked(xb)
+            fine = mse(y[:, :n_l], yb)
+            total = alpha * fine
+            coarse = dom = None
+            if yc is not None:
+                coarse = mse(y[:, n_l + n_t :], yc)
+                total = total + (1 - alpha) * coarse
+            if n_t:
+                dom = domain(f[:, :n_l], f[:, n_l : n_l + n_t])
+                total = total + beta * dom
+            return total, fine, coarse, dom
+
+        step_fn = torch.compile(losses, dynamic=True) if settings.compile else losses
+        averager = WeightAverage()
+        first_avg = max(settings.epochs - settings.average_last, 0)
+        history = []
+        steps = 0
+        n_batches = len(epoch_batches(n_lab, settings.batch, np.random.default_rng(0), torch.device("cpu")))
+        bar = tqdm(
+            total=settings.epochs * n_batches,
+            desc=f"{description}: {m} members",
+            unit=" steps",
+            disable=not progress,
+        )
+        stacked.train()
+        try:
+            for epoch in range(settings.epochs):
+                sums = torch.zeros(4, m, device=device, dtype=torch.float64)
+                seen = 0
+                t0 = time.perf_counter()
+                for idx in epoch_batches(n_lab, settings.batch, rng_lab, device):
+                    n_l = idx.shape[0]
+                    parts, n_t, yc = [x_lab[idx]], 0, None
+                    if s_tgt is not None:
+                        parts.append(x_t[s_tgt.take(settings.batch)])
+                        n_t = settings.batch
+                    if s_9km is not None:
+                        ic = s_9km.take(settings.batch)
+                        parts.append(x_c[ic])
+                        yc = y_c[ic]
+                    xb = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    opt.zero_grad(set_to_none=True)
+                    total, fine, coarse, dom = step_fn(xb, y_lab[idx], n_l, n_t, yc)
+                    total.sum().backward()
+                    opt.step()
+                    with torch.no_grad():
+                        sums[0] += total.detach() * n_l
+                        sums[1] += fine.detach() * n_l
+                        if coarse is not None:
+                            sums[2] += coarse.detach() * n_l
+                        if dom is not None:
+                            sums[3] += dom.detach() * n_l
+                    seen += n_l
+                    steps += 1
+                    bar.update(1)
+                means = (sums / seen).cpu().numpy()
+                secs = time.perf_counter() - t0
+                for j, name in enumerate(ensemble.names):
+                    history.append(
+                        {
+                            "member": name,
+                            "epoch": epoch + 1,
+                            "joint": means[0, j],
+                            "fine_50m": means[1, j],
+                            "coarse_9km": means[2, j] if s_9km is not None else np.nan,
+                            "domain": means[3, j] if s_tgt is not None else np.nan,
+                            "seconds": secs,
+                        }
+                    )
+                bar.set_postfix(loss=f"{means[0].mean():.4g}")
+                if epoch >= first_avg:
+                    averager.update(stacked.state_dict())
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, stacked)
+        finally:
+            bar.close()
+        stacked.load_state_dict(averager.result())
+        result = stacked.to_ensemble()
+    if getattr(ensemble, "provenance", None) is not None:
+        result.provenance = dict(ensemble.provenance)  # type: ignore[attr-defined]
+    return FitResult(
+        ensemble=result,
+        losses=history,
+        beta=[float(b) for b in beta.cpu()],
+        seconds=time.perf_counter() - started,
+        steps=steps,
+        device=str(device),
+    )
+
+
+def _adam_kwargs(device: torch.device) -> dict:
+    """The fused Adam kernel where this torch has it for the device (same update, fewer calls)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def settings_dict(weights: LossWeights, settings: TrainSettings) -> dict:
+    return {**asdict(weights), **asdict(settings)}
+
+
+# ----- data of one adaptation ---------------------------------------------------------------
+@dataclass
+class AdaptProblem:
+    """Labeled, target and 9 km samples of one network for one draw of training stations."""
+
+    network: str
+    train_stations: list[str]
+    labeled: pd.DataFrame  # rows of the training stations
+    target: pd.DataFrame  # rows of the network's other stations (transductive test set)
+    coarse: pd.DataFrame  # 9 km rows of the cells holding the network's stations
+    schema: FeatureSchema
+
+    def fit_data(self) -> FitData:
+        names = self.schema.feature_names
+
+        def x(frame) -> torch.Tensor:
+            return torch.from_numpy(frame[names].to_numpy(np.float32, copy=True))
+
+        def y(frame) -> torch.Tensor:
+            return torch.from_numpy(frame[TRUTH].to_numpy(np.float32, copy=True))
+
+        return FitData(
+            x_labeled=x(self.labeled),
+            y_labeled=y(self.labeled),
+            x_coarse=x(self.coarse) if len(self.coarse) else None,
+            y_coarse=y(self.coarse) if len(self.coarse) else None,
+            x_target=x(self.target) if len(self.target) else None,
+        )
+
+
+def draw_stations(stations: list[str], n: int, seed: int) -> list[str]:
+    """n distinct stations drawn at random (sorted names, numpy Generator(seed))."""
+    pool = sorted(stations)
+    rng = np.random.default_rng(seed)
+    return sorted(pool[i] for i in rng.choice(len(pool), size=n, replace=False))
+
+
+def adapt_problem(
+    fine: Samples,
+    coarse: Samples,
+    network: str,
+    stations: int | list[str],
+    seed: int = 0,
+) -> AdaptProblem:
+    """Split ``network`` of ``fine`` into training stations (n drawn with ``seed``, or a list) and
+    target stations, and take the 9 km rows of the cells of all the network's stations."""
+    if not fine.schema.same_layout(coarse.schema):
+        raise TransferError(f"{fine.source} and {coarse.source} use different feature schemas")
+    if "network" not in fine.frame or "station" not in fine.frame:
+        raise TransferError(f"{fine.source}: needs 'network' and 'station' columns to adapt")
+    net_rows = fine.frame[fine.frame["network"].astype(str) == network]
+    if net_rows.empty:
+        raise TransferError(f"{fine.source}: no samples of network {network!r} (networks: {', '.join(fine.networks)})")
+    names = sorted(net_rows["station"].astype(str).unique())
+    if isinstance(stations, int):
+        if stations < 1:
+            raise TransferError(f"--stations must be >= 1, got {stations}")
+        if stations >= len(names):
+            raise TransferError(
+                f"network {network} has {len(names)} stations in {fine.source}; at most {len(names) - 1} can "
+                f"train (at least one must stay as the target), asked for {stations}"
+            )
+        chosen = draw_stations(names, stations, seed)
+    else:
+        chosen = sorted({str(s) for s in stations})
+        unknown = [s for s in chosen if s not in names]
+        if unknown:
+            raise TransferError(f"station {unknown[0]!r} is not a station of network {network} in {fine.source}")
+        if not chosen:
+            raise TransferError("the station list is empty")
+        if len(chosen) == len(names):
+            raise TransferError(f"all {len(names)} stations of {network} would train; none is left as the target")
+    is_train = net_rows["station"].astype(str).isin(chosen)
+    labeled, target = net_rows[is_train], net_rows[~is_train]
+    cells = net_rows[["r", "c"]].drop_duplicates()
+    cf = coarse.frame
+    key = pd.MultiIndex.from_frame(cf[["r", "c"]].astype(np.int64))
+    inside = key.isin(pd.MultiIndex.from_frame(cells.astype(np.int64)))
+    return AdaptProblem(network, chosen, labeled, target, cf[inside], fine.schema)

@@ -1,0 +1,131 @@
+"""msda pretrain / msda adapt end to end on a small generated benchmark, and their bad input."""
+
+import json
+import sys
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from msda.adapt import adapt
+from msda.cli import app, run
+from msda.model import DenseSME, MemberSpec
+from msda.simulate import SimConfig, simulate
+from msda.tables import write_samples
+from msda.transfer import TrainSettings
+from msda.weights import load_ensemble, save_ensemble
+
+runner = CliRunner()
+
+
+def _run_cli(args, capsys):
+    """The installed entry point (errors as one line, exit 2), in this process."""
+    with mock.patch.object(sys, "argv", ["msda", *args]), pytest.raises(SystemExit) as stop:
+        run()
+    return stop.value.code, capsys.readouterr().err
+SPECS = [MemberSpec(1, 8), MemberSpec(2, 16)]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return simulate(SimConfig(scale=0.05, seed=3, networks=("SCAN", "USCRN"), pretrain_cells=40))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, bench):
+    d = tmp_path_factory.mktemp("adapt")
+    write_samples(bench.fine, d / "fine.parquet")
+    write_samples(bench.coarse, d / "coarse.parquet")
+    write_samples(bench.pretrain, d / "pretrain.parquet")
+    save_ensemble(DenseSME(SPECS, seed=0), d / "w0")
+    return d
+
+
+def test_pretrain_then_adapt_cli(files, tmp_path):
+    r = runner.invoke(app, ["pretrain", "-s", str(files / "pretrain.parquet"), "-o", str(tmp_path / "pre"),
+                            "--epochs", "2", "--widths", "8", "--depths", "1,2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    pre = load_ensemble(tmp_path / "pre")
+    assert pre.names == ["m_1_8", "m_2_8"] and pre.provenance["task"] == "pretrain"
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["adapt", "-w", str(tmp_path / "pre"), "--fine", str(files / "fine.parquet"),
+                            "--coarse", str(files / "coarse.parquet"), "--network", "SCAN", "--stations", "2",
+                            "--method", "msda", "--epochs", "3", "--average-last", "2", "-o", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "target stations" in r.output and "pretrained" in r.output
+    assert {p.name for p in out.iterdir()} == {"weights", "stations.csv", "losses.csv", "metrics.csv", "run.json",
+                                               "target_predictions.parquet", "losses.png", "target_scatter.png"}
+    losses = pd.read_csv(out / "losses.csv")
+    assert len(losses) == 2 * 3 and {"joint", "fine_50m", "coarse_9km", "domain"} <= set(losses.columns)
+    assert losses[["joint", "fine_50m", "coarse_9km", "domain"]].notna().all().all()
+    stations = pd.read_csv(out / "stations.csv")
+    assert len(stations) == 2 and (stations["samples"] > 5).all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"] == "msda" and run["alpha"] == 0.7 and run["beta"] == "auto" and len(run["beta_per_member"]) == 2
+    assert sorted(run["train_stations"]) == sorted(stations["station"])
+    target = pd.read_parquet(out / "target_predictions.parquet")
+    assert not set(target["station"]) & set(stations["station"])  # transductive: target = other stations
+    assert load_ensemble(out / "weights").provenance["method"] == "msda"
+    # inductive use: the adapted weights predict any other table
+    r = runner.invoke(app, ["predict", "-w", str(out / "weights"), "-s", str(files / "fine.parquet"), "-o", str(tmp_path / "p.parquet")])
+    assert r.exit_code == 0, r.output
+
+
+def test_station_list(files, tmp_path, bench):
+    names = sorted(bench.fine.frame.query("network == 'SCAN'")["station"].unique())[:2]
+    (tmp_path / "st.txt").write_text("\n".join(names) + "\n")
+    r = runner.invoke(app, ["adapt", "-w", str(files / "w0"), "--fine", str(files / "fine.parquet"),
+                            "--coarse", str(files / "coarse.parquet"), "--network", "SCAN", "--station-list",
+                            str(tmp_path / "st.txt"), "--method", "finetune", "--epochs", "1", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert sorted(pd.read_csv(tmp_path / "o" / "stations.csv")["station"]) == names
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "msda", "--alpha", "1.5", "--stations", "2"], "alpha must be in [0, 1]"),
+        (["--method", "msda", "--beta", "-2", "--stations", "2"], "beta must be"),
+        (["--method", "magic", "--stations", "2"], "unknown method"),
+        (["--method", "msda", "--stations", "999"], "at most"),
+        (["--method", "msda", "--stations", "2", "--network", "NOPE"], "no samples of network 'NOPE'"),
+        (["--method", "msda"], "exactly one of --stations"),
+    ],
+)
+def test_bad_input_one_error_no_output(files, tmp_path, capsys, extra, message):
+    args = ["adapt", "-w", str(files / "w0"), "--fine", str(files / "fine.parquet"), "--coarse",
+            str(files / "coarse.parquet"), "--epochs", "1", "-o", str(tmp_path / "o")]
+    if "--network" not in extra:
+        args += ["--network", "SCAN"]
+    code, err = _run_cli(args + extra, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_schema_mismatch_is_an_error(files, tmp_path, bench):
+    from msda.schema import FeatureSchema, table1
+
+    d = table1().to_dict()
+    d["name"] = "short"
+    d["series"] = [dict(s, length=23) for s in d["series"]]
+    other = FeatureSchema.from_dict(d)
+    e = DenseSME(SPECS, schema=other, seed=0)
+    with pytest.raises(Exception, match="schema"):
+        adapt(e, bench.fine, bench.coarse, "SCAN", 2, "msda", tmp_path / "o", TrainSettings(epochs=1, device="cpu"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_adaptation_beats_pretrained_under_domain_shift(bench, tmp_path):
+    """Pretrain on the 9 km table, adapt to SCAN's 50 m stations: the target error falls."""
+    from msda.adapt import pretrain
+
+    pre = pretrain(bench.pretrain, tmp_path / "pre", TrainSettings(epochs=4, batch=64, average_last=2, device="cpu"),
+                   members=SPECS, progress=False)
+    _, metrics = adapt(pre.ensemble, bench.fine, bench.coarse, "SCAN", 4, "msda", tmp_path / "o",
+                       TrainSettings(epochs=8, batch=64, average_last=3, device="cpu"), progress=False, figures=False)
+    rmse = dict(zip(metrics["model"], metrics["rmse"]))
+    assert np.isfinite(rmse["pretrained"]) and rmse["msda"] < rmse["pretrained"], rmse

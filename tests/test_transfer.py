@@ -1,0 +1,159 @@
+"""Losses, Eq. 4, the method table, streams, weight averaging and a small adaptation."""
+
+import numpy as np
+import pytest
+import torch
+
+from msda.losses import coral, mmd
+from msda.model import DenseSME, MemberSpec
+from msda.stacked import StackedEnsemble
+from msda.transfer import (
+    FitData,
+    LossWeights,
+    Stream,
+    TrainSettings,
+    TransferError,
+    WeightAverage,
+    epoch_batches,
+    eq4_beta,
+    fit,
+)
+
+SPECS = [MemberSpec(1, 8), MemberSpec(2, 8)]
+
+
+def _data(n_lab=60, n_tgt=90, n_c=70, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x_lab = torch.rand(n_lab, 153, generator=g)
+    x_tgt = (torch.rand(n_tgt, 153, generator=g) + shift).clamp(0, 1)
+    x_c = torch.rand(n_c, 153, generator=g)
+    return FitData(x_lab, torch.rand(n_lab, generator=g) * 0.4, x_c, torch.rand(n_c, generator=g) * 0.4, x_tgt)
+
+
+def test_coral_matches_numpy():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(3, 50, 32)), rng.normal(2, 3, size=(3, 70, 32))
+    got = coral(torch.from_numpy(s), torch.from_numpy(t)).numpy()
+    for k in range(3):
+        cs, ct = np.cov(s[k], rowvar=False), np.cov(t[k], rowvar=False)
+        assert got[k] == pytest.approx(np.sum((cs - ct) ** 2) / (4 * 32 * 32), rel=1e-12)
+
+
+def test_mmd_zero_for_same_set_positive_for_shift():
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(0))
+    assert mmd(x, x).abs().max() < 1e-6
+    assert (mmd(x, x + 1.0) > 0.01).all()
+
+
+def test_method_table():
+    table = {m: LossWeights.for_method(m) for m in ("finetune", "ms", "da", "msda")}
+    assert (table["finetune"].alpha, table["finetune"].beta) == (1.0, 0.0)
+    assert (table["ms"].alpha, table["ms"].beta) == (0.7, 0.0)
+    assert (table["da"].alpha, table["da"].beta) == (1.0, "auto")
+    assert (table["msda"].alpha, table["msda"].beta) == (0.7, "auto")
+    assert [(w.uses_9km, w.uses_target) for w in table.values()] == [(False, False), (True, False), (False, True), (True, True)]
+    assert LossWeights.for_method("msda", alpha=0.5, beta=2.0).beta == 2.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "msda", "alpha": 1.5}, "alpha must be in"),
+        ({"method": "msda", "beta": -1.0}, "beta must be"),
+        ({"method": "msda", "beta": "big"}, "beta must be"),
+        ({"method": "fancy"}, "unknown method"),
+        ({"method": "finetune", "alpha": 0.5}, "fixes alpha"),
+        ({"method": "ms", "beta": 1.0}, "fixes beta"),
+        ({"method": "msda", "domain_loss": "kl"}, "unknown domain loss"),
+    ],
+)
+def test_bad_loss_settings(kwargs, match):
+    with pytest.raises(TransferError, match=match):
+        LossWeights.for_method(**kwargs)
+
+
+def test_stream_draws_without_replacement_until_exhausted():
+    s = Stream(20, np.random.default_rng(0), torch.device("cpu"))
+    drawn = torch.cat([s.take(7) for _ in range(6)]).tolist()  # 42 draws
+    assert sorted(drawn[:20]) == list(range(20))
+    assert sorted(drawn[20:40]) == list(range(20))
+    assert drawn[:20] != drawn[20:40]  # reshuffled for the second pass
+
+
+def test_epoch_batches_cover_each_sample_once():
+    rng = np.random.default_rng(0)
+    batches = epoch_batches(257, 128, rng, torch.device("cpu"))
+    assert [len(b) for b in batches] == [128, 129]  # a last batch of 1 joins the one before
+    assert sorted(torch.cat(batches).tolist()) == list(range(257))
+    assert [len(b) for b in epoch_batches(300, 128, rng, torch.device("cpu"))] == [128, 128, 44]
+
+
+def test_eq4_makes_terms_equal_at_start():
+    e = DenseSME(SPECS, seed=0)
+    data = _data(shift=0.2)
+    beta = eq4_beta(StackedEnsemble.from_ensemble(e), data, alpha=0.7, domain_loss="coral")
+    e.eval()
+    with torch.no_grad():
+        for k, m in enumerate(e.members):
+            y, f_s = m(data.x_labeled, return_features=True)
+            _, f_t = m(data.x_target, return_features=True)
+            fine = torch.mean((y - data.y_labeled) ** 2)
+            dom = coral(f_s[None].double(), f_t[None].double())[0]
+            assert (beta[k] * dom).item() == pytest.approx(0.7 * fine.item(), rel=1e-4)
+
+
+def _fit(weights, data=None, epochs=3, seed=0, **kw):
+    return fit(DenseSME(SPECS, seed=0), data or _data(), weights, TrainSettings(epochs=epochs, batch=16, seed=seed, device="cpu", **kw), progress=False)
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.ensemble.state_dict().values(), b.ensemble.state_dict().values()))
+
+
+def test_alpha_one_beta_zero_is_finetune():
+    a = _fit(LossWeights(alpha=1.0, beta=0.0))
+    b = _fit(LossWeights.for_method("finetune"))
+    c = _fit(LossWeights.for_method("msda", alpha=1.0, beta=0.0))
+    assert _same(a, b) and _same(a, c)
+    assert all(np.isnan(r["coarse_9km"]) and np.isnan(r["domain"]) for r in a.losses)
+    assert not _same(a, _fit(LossWeights(alpha=1.0, beta=0.0), seed=1))  # the seed matters
+
+
+def test_methods_use_their_streams():
+    ms = _fit(LossWeights.for_method("ms"))
+    da = _fit(LossWeights.for_method("da"))
+    msda = _fit(LossWeights.for_method("msda"))
+    assert all(np.isfinite(r["coarse_9km"]) and np.isnan(r["domain"]) for r in ms.losses)
+    assert all(np.isnan(r["coarse_9km"]) and np.isfinite(r["domain"]) for r in da.losses)
+    assert all(np.isfinite(r["coarse_9km"]) and np.isfinite(r["domain"]) for r in msda.losses)
+    for r in msda.losses:  # joint = alpha * 50 m + (1 - alpha) * 9 km + beta * domain, per member
+        beta = msda.beta[SPECS.index(next(s for s in SPECS if s.name == r["member"]))]
+        assert r["joint"] == pytest.approx(0.7 * r["fine_50m"] + 0.3 * r["coarse_9km"] + beta * r["domain"], rel=1e-5)
+    assert len(msda.losses) == 3 * len(SPECS)
+
+
+def test_weight_average_is_mean_of_last_epochs():
+    saved = []
+
+    def keep(epoch, stacked):
+        saved.append({k: v.detach().clone() for k, v in stacked.state_dict().items()})
+
+    res = fit(DenseSME(SPECS, seed=0), _data(), LossWeights.for_method("msda"),
+              TrainSettings(epochs=5, batch=16, average_last=3, device="cpu"), progress=False, on_epoch_end=keep)
+    mean = {k: torch.stack([s[k] for s in saved[-3:]]).mean(0) for k in saved[0] if saved[0][k].is_floating_point()}
+    expected = StackedEnsemble(SPECS, res.ensemble.schema)
+    expected.load_state_dict({**saved[-1], **mean})
+    got = StackedEnsemble.from_ensemble(res.ensemble)
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    avg = WeightAverage()
+    with pytest.raises(TransferError):
+        avg.result()
+
+
+def test_missing_streams_are_errors():
+    data = _data()
+    with pytest.raises(TransferError, match="9 km"):
+        _fit(LossWeights.for_method("ms"), FitData(data.x_labeled, data.y_labeled, x_target=data.x_target))
+    with pytest.raises(TransferError, match="target"):
+        _fit(LossWeights.for_method("da"), FitData(data.x_labeled, data.y_labeled))
