@@ -63,15 +63,13 @@ def test_gradients_match(pair):
     ((y * wy).sum() + (f * wf).sum()).backward()
     y_ref, f_ref = _member_outputs(e, x)
     ((y_ref * wy).sum() + (f_ref * wf).sum()).backward()
-    # the modules' gradients, stacked the same way as the parameters
-    grads = DenseSME(SPECS).double()
-    with torch.no_grad():
-        for a, b in zip(grads.parameters(), e.parameters()):
-            a.copy_(b.grad)
-    expected = StackedEnsemble.from_ensemble(grads)
-    scale = max(p.grad.abs().max().item() for p in st.parameters())
-    for (name, p), q in zip(st.named_parameters(), expected.parameters()):
-        assert torch.allclose(p.grad, q.to(p.grad.dtype), atol=1e-9 * scale, rtol=0), name
+    # the stacked gradients, mapped back to the modules' layout
+    grads = StackedEnsemble(SPECS, e.schema).double()
+    grads.load_state_dict({**grads.state_dict(), **{k: p.grad for k, p in st.named_parameters()}})
+    back = grads.to_ensemble()
+    scale = max(p.grad.abs().max().item() for p in e.parameters())
+    for (name, got), ref in zip(back.named_parameters(), e.parameters()):
+        assert torch.allclose(got, ref.grad, atol=1e-9 * scale, rtol=0), name
 
 
 def test_round_trip_and_zero_padding_stays_zero(pair):
@@ -88,10 +86,12 @@ def test_round_trip_and_zero_padding_stays_zero(pair):
         y, f = st(torch.rand(16, 153))
         (y.square().sum() + f.sum()).backward()
         opt.step()
-    for group in st.groups:
-        for j, d in enumerate(group.depths):
-            pad = group.max_in - (st.n_in + d * group.width)
-            assert torch.count_nonzero(group.fc.weight[j, :, :pad]) == 0
+    # padded entries (narrow members in a wider group, bottlenecks of shallow members) got zero
+    # gradients: a round trip through the modules, which refills them, changes no parameter
+    again = StackedEnsemble.from_ensemble(st.to_ensemble())
+    for (name, p), q in zip(st.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+    assert sorted(st.groups[0].widths) == [8, 8, 8, 16, 16] and st.groups[0].width == 16  # 8 and 16 share a group
 
 
 def test_coin_mask_is_fair():

@@ -31,6 +31,7 @@ from msda.schema import FeatureSchema
 
 _BN_MOMENTUM = 0.1
 _BN_EPS = 1e-5
+MERGE_WIDTH = 32  # members this narrow share one dense group (zero-padded to its widest)
 CHUNK_BYTES = 30 * 1024 * 1024  # under glibc's largest mmap threshold (32 MiB)
 
 
@@ -84,30 +85,31 @@ class _ReluDropoutPool2(torch.autograd.Function):
         (kept,) = ctx.saved_tensors
         dim = ctx.dim
         half = grad.shape[dim]
-        # 1 where the kept value is positive (z > 0 and kept by the coin), else 0; exact for
-        # every positive float, and two vectorised passes (torch.sign is not vectorised on CPU)
-        passed = kept.narrow(dim, 0, 2 * half).clamp(max=1.0).ceil_()
         g = grad.unsqueeze(dim + 1)
         if not ctx.training:
             g = g * 0.5
-        gz = passed.unflatten(dim, (half, 2)).mul_(g).flatten(dim, dim + 1)
-        if kept.shape[dim] > 2 * half:
-            pad = [0, 0] * (kept.dim() - 1 - dim) + [0, kept.shape[dim] - 2 * half]
-            gz = F.pad(gz, pad)
+        odd = kept.shape[dim] > 2 * half
+        gz = kept.new_zeros(kept.shape) if odd else torch.empty_like(kept)
+        # 1 where the kept value is positive (z > 0 and kept by the coin), else 0: exact for every
+        # positive float, and two vectorised passes (torch.sign is not vectorised on CPU)
+        passed = gz.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2))
+        torch.clamp(kept.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2)), max=1.0, out=passed)
+        passed.ceil_().mul_(g)
         return gz, None, None
 
 
 class _LinearReluDropoutPool2(torch.autograd.Function):
-    """pool2(dropout(relu(patches @ w.T + b))) over steps, for the first convolution.
+    """pool2(dropout(relu(patches @ w.T))) over steps, for the first convolution.
 
-    The same as ``addmm`` followed by ``_ReluDropoutPool2``, with the matrix product's output
-    reused in place for the ReLU and the mask (one activation allocated instead of three) and
-    the weight gradient computed straight from the masked output gradient.
+    ``patches`` carry a column of ones and ``w`` the bias as its last column, so the product needs
+    no bias copy and the bias gradient comes out of the weight gradient. The product's output is
+    reused in place for the ReLU and the mask (one activation allocated instead of three), and
+    the backward pass is one masked product and one matrix product.
     """
 
     @staticmethod
-    def forward(ctx, patches: torch.Tensor, w: torch.Tensor, b: torch.Tensor, length: int, training: bool):
-        y = torch.addmm(b, patches, w.t()).relu_()  # (B*L, C)
+    def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool):
+        y = (patches @ w.t()).relu_()  # (B*L, C)
         if training:
             y.mul_(coin_mask(tuple(y.shape), y.device, y.dtype, 1.0))
         kept = y.view(-1, length, y.shape[1])
@@ -127,10 +129,8 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
         passed = gy[:, : 2 * half].view(b, half, 2, c)
         torch.clamp(kept[:, : 2 * half].view(b, half, 2, c), max=1.0, out=passed)
         passed.ceil_().mul_(g.unsqueeze(2))  # 1 where the kept value is positive, times the gradient
-        gy = gy.view(b * length, c)
-        grad_w = gy.t() @ patches if ctx.needs_input_grad[1] else None
-        grad_b = gy.sum(0) if ctx.needs_input_grad[2] else None
-        return None, grad_w, grad_b, None, None
+        grad_w = (patches.t() @ gy.view(b * length, c)).t() if ctx.needs_input_grad[1] else None
+        return None, grad_w, None, None
 
 
 def _avg_pool(x: torch.Tensor, window: int, ceil: bool = False) -> torch.Tensor:
@@ -239,6 +239,13 @@ class _ToeplitzConv(_Conv):
         return _avg_pool(_dropout(F.relu(self.bn(y, members)), training), self.pool, ceil=True)
 
 
+def _dense_columns(n_in: int, k: int, width: int, slot: int) -> torch.Tensor:
+    """Where the inputs of a module's dense block k ([h_k .. h_1, base], blocks of ``width``)
+    sit in the stacked layout, whose blocks are ``slot`` wide."""
+    c = torch.arange(k * width)
+    return torch.cat(((c // width) * slot + c % width, k * slot + torch.arange(n_in)))
+
+
 def _replicate_taps(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """taps[s, m, l] = 1 where output step m reads input step l through tap s (replicate padding)."""
     src = (torch.arange(length).unsqueeze(0) + torch.arange(KERNEL).unsqueeze(1) - KERNEL // 2).clamp(0, length - 1)
@@ -264,7 +271,7 @@ class _SharedConv(_Conv):
         members: slice,
         length: int,
     ) -> torch.Tensor:
-        """patches (B * L, c_in * K); stats (mu, Sigma, n) of the patches in training mode, else None.
+        """patches (B * L, c_in * K + 1); stats (mu, Sigma, n) of the windows in training mode, else None.
 
         Returns pool(dropout(relu(bn(conv)))) as (B, L / 2, k * c_out).
         """
@@ -284,18 +291,20 @@ class _SharedConv(_Conv):
         else:
             mean, var = bn.running_mean[members].flatten(), bn.running_var[members].flatten()
         scale = gamma * torch.rsqrt(var + _BN_EPS)
-        fused_w, fused_b = w * scale[:, None], (b - mean) * scale + beta
-        return _LinearReluDropoutPool2.apply(patches, fused_w, fused_b, length, training)  # (B, L/2, k*c_out)
+        fused = torch.cat((w * scale[:, None], ((b - mean) * scale + beta)[:, None]), dim=1)
+        return _LinearReluDropoutPool2.apply(patches, fused, length, training)  # (B, L/2, k*c_out)
 
     @staticmethod
     def patches(series: torch.Tensor, training: bool):
-        """Replicate-padded windows (B * L, c_in * K) and, in training mode, their mean and covariance."""
+        """Replicate-padded windows (B * L, c_in * K + 1), the last column ones (for the bias),
+        and, in training mode, the mean and covariance of the windows."""
         b, c, length = series.shape
         pad = F.pad(series, (KERNEL // 2, KERNEL // 2), mode="replicate")
-        p = pad.unfold(2, KERNEL, 1).permute(0, 2, 1, 3).reshape(b * length, c * KERNEL)
+        windows = pad.unfold(2, KERNEL, 1).permute(0, 2, 1, 3).reshape(b * length, c * KERNEL)
+        p = torch.cat((windows, windows.new_ones(b * length, 1)), dim=1)
         if not training:
             return p, None
-        flat = p.double()
+        flat = windows.double()
         mu = flat.mean(0)
         centred = flat - mu
         sigma = centred.T @ centred / flat.shape[0]
@@ -303,11 +312,18 @@ class _SharedConv(_Conv):
 
 
 class _WidthGroup(nn.Module):
-    """The dense blocks, bottlenecks and outputs of the members of one width, depths ascending."""
+    """The dense blocks, bottlenecks and outputs of a group of members, depths ascending.
 
-    def __init__(self, width: int, depths: list[int], n_in: int, bottleneck: int):
+    Every member of the group is stored at the group's ``width``; a narrower member (``widths``)
+    fills the first channels of each block and its other channels are zero weights. Those
+    channels output batch norm of a constant 0, i.e. 0, after ReLU; ReLU's zero slope there
+    and the zero weights that read them give all padded parameters zero gradients, so they stay
+    as they are (the narrow widths 8, 16 and 32 share one group: fewer, larger operations).
+    """
+
+    def __init__(self, width: int, depths: list[int], widths: list[int], n_in: int, bottleneck: int):
         super().__init__()
-        self.width, self.depths, self.n_in = width, depths, n_in
+        self.width, self.depths, self.widths, self.n_in = width, depths, widths, n_in
         self.max_in = n_in + max(depths) * width
         blocks = []
         for k in range(max(depths)):
@@ -373,25 +389,31 @@ class StackedEnsemble(nn.Module):
         probe = DenseSM(1, 1, schema)
         self.n_in = probe.n_in
         m = len(specs)
-        # internal order: by width, then depth, so that each width group is contiguous
-        self.order = sorted(range(m), key=lambda i: (specs[i].width, specs[i].depth))
+        # dense groups: the narrow widths share one group, each wider width has its own;
+        # internal order: by group, then depth, so that each group is contiguous
+        def group_of(spec: MemberSpec) -> int:
+            return max(spec.width, MERGE_WIDTH) if spec.width <= MERGE_WIDTH else spec.width
+
+        keys = sorted({group_of(s) for s in specs})
+        self.order = sorted(range(m), key=lambda i: (group_of(specs[i]), specs[i].depth, specs[i].width))
         self.inverse = [self.order.index(i) for i in range(m)]
         self.conv1 = _SharedConv(m, self.n_series, CONV_FILTERS[0], POOL_WINDOWS[0])
         self.conv2 = _Conv(m, CONV_FILTERS[0], CONV_FILTERS[1], POOL_WINDOWS[1])
         self.conv3 = _ToeplitzConv(m, CONV_FILTERS[1], CONV_FILTERS[2], POOL_WINDOWS[2])
         self.norm = _BN((m, self.n_in))
-        widths = sorted({s.width for s in specs})
         self.group_sizes = []
         groups = []
-        for w in widths:
-            depths = [specs[i].depth for i in self.order if specs[i].width == w]
-            groups.append(_WidthGroup(w, depths, self.n_in, 32))
-            self.group_sizes.append(len(depths))
+        for key in keys:
+            members = [specs[i] for i in self.order if group_of(specs[i]) == key]
+            slot = max(s.width for s in members)
+            groups.append(_WidthGroup(slot, [s.depth for s in members], [s.width for s in members], self.n_in, 32))
+            self.group_sizes.append(len(members))
         self.groups = nn.ModuleList(groups)
         self.dropout = True  # tests switch it off to compare with the modules deterministically
 
     # ----- computation -----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, internal_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Members in ``specs`` order, or in ``self.order`` (grouped by width) if ``internal_order``."""
         training = self.training and self.dropout
         b = x.shape[0]
         m = len(self.specs)
@@ -409,9 +431,10 @@ class StackedEnsemble(nn.Module):
             outs.append(y)
             feats.append(f)
             start += size
-        y = torch.cat(outs, dim=0)[self.inverse]
-        f = torch.cat(feats, dim=0)[self.inverse]
-        return y, f
+        y, f = torch.cat(outs, dim=0), torch.cat(feats, dim=0)
+        if internal_order:
+            return y, f
+        return y[self.inverse], f[self.inverse]
 
     def _member_chunks(self, batch: int) -> list[slice]:
         """Members per convolution pass, so that one activation stays under ``CHUNK_BYTES``.
@@ -454,8 +477,17 @@ class StackedEnsemble(nn.Module):
             else:
                 mod.num_batches_tracked.copy_(stacked.num_batches_tracked)
 
+        def dense(stacked: torch.Tensor, index: int, rows: int, cols: torch.Tensor, module_tensor: torch.Tensor) -> None:
+            view = stacked[index, :rows]
+            if to_stack:
+                view[:, cols] = module_tensor
+            else:
+                module_tensor.copy_(view[:, cols])
+
         for i, pos, group, j in self._slots():
             mod = members[i]
+            w, s = mod.width, group.width
+            same = torch.arange(w)
             cb = mod.conv_block
             for conv, mconv, mbn in ((self.conv1, cb.conv1, cb.bn1), (self.conv2, cb.conv2, cb.bn2), (self.conv3, cb.conv3, cb.bn3)):
                 move(conv.weight, pos, mconv.weight)
@@ -468,16 +500,18 @@ class StackedEnsemble(nn.Module):
                 # the member's slot in block k: members deeper than k, in ascending depth order
                 slot = j - sum(d <= k for d in group.depths)
                 layer = mod.dense_layers[k]
+                dense(blk["linear1"].weight, slot, w, _dense_columns(self.n_in, k, w, s), layer.linear1.weight)
+                dense(blk["linear2"].weight, slot, w, same, layer.linear2.weight)
+                dense(blk["linear3"].weight, slot, w, same, layer.linear3.weight)
                 for name in ("linear1", "linear2", "linear3"):
-                    move(blk[name].weight, slot, getattr(layer, name).weight)
-                    move(blk[name].bias, slot, getattr(layer, name).bias)
+                    move(blk[name].bias[slot], slice(0, w), getattr(layer, name).bias)
                 for name in ("bn1", "bn2", "bn3"):
-                    bn(blk[name], slot, getattr(layer, name))
+                    bn(blk[name], (slot, slice(0, w)), getattr(layer, name))
             fc = mod.fc_layers[0]
-            n = fc.linear1.weight.shape[1]
             if to_stack:
                 group.fc.weight[j].zero_()
-            move(group.fc.weight[j].narrow(1, group.max_in - n, n), slice(None), fc.linear1.weight)
+            offset = group.max_in - (self.n_in + depth * s)
+            dense(group.fc.weight, j, fc.linear1.weight.shape[0], offset + _dense_columns(self.n_in, depth, w, s), fc.linear1.weight)
             move(group.fc.bias, j, fc.linear1.bias)
             bn(group.fc_bn, j, fc.bn1)
             move(group.out.weight, j, mod.out.weight)
@@ -492,9 +526,10 @@ class StackedEnsemble(nn.Module):
         return stacked
 
     def to_ensemble(self) -> DenseSME:
-        """A fresh ``DenseSME`` (on the CPU, eval mode) holding the stacked parameters."""
-        ensemble = DenseSME(self.specs, schema=self.schema)
-        cpu = StackedEnsemble(self.specs, self.schema)
+        """A fresh ``DenseSME`` (on the CPU, this dtype, eval mode) holding the stacked parameters."""
+        dtype = next(self.parameters()).dtype
+        ensemble = DenseSME(self.specs, schema=self.schema).to(dtype=dtype)
+        cpu = StackedEnsemble(self.specs, self.schema).to(dtype=dtype)
         cpu.load_state_dict({k: v.detach().cpu() for k, v in self.state_dict().items()})
         cpu._copy(list(ensemble.members), to_stack=False)
         return ensemble.eval()

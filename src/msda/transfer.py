@@ -274,6 +274,8 @@ def fit(
             beta = eq4_beta(stacked, FitData(x_lab, y_lab, x_target=data.x_target.to(device)), weights.alpha, weights.domain_loss)
         else:
             beta = torch.full((m,), float(weights.beta), device=device)
+        order = torch.tensor(stacked.order, device=device)
+        beta_internal = beta[order]  # training runs in the stacked (width-grouped) member order
         use_dom = weights.uses_target and bool((beta > 0).any())
         x_c = data.x_coarse.to(device) if weights.uses_9km else None
         y_c = data.y_coarse.to(device) if weights.uses_9km else None
@@ -285,7 +287,7 @@ def fit(
         opt = torch.optim.Adam(stacked.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, **_adam_kwargs(device))
 
         def losses(xb: torch.Tensor, yb: torch.Tensor, n_l: int, n_t: int, yc: torch.Tensor | None):
-            y, f = stacked(xb)
+            y, f = stacked(xb, internal_order=True)
             fine = mse(y[:, :n_l], yb)
             total = alpha * fine
             coarse = dom = None
@@ -294,7 +296,7 @@ def fit(
                 total = total + (1 - alpha) * coarse
             if n_t:
                 dom = domain(f[:, :n_l], f[:, n_l : n_l + n_t])
-                total = total + beta * dom
+                total = total + beta_internal * dom
             return total, fine, coarse, dom
 
         step_fn = torch.compile(losses, dynamic=True) if settings.compile else losses
@@ -342,7 +344,8 @@ def fit(
                     bar.update(1)
                 means = (sums / seen).cpu().numpy()
                 secs = time.perf_counter() - t0
-                for j, name in enumerate(ensemble.names):
+                for j, i in enumerate(stacked.order):
+                    name = ensemble.names[i]
                     history.append(
                         {
                             "member": name,
@@ -361,6 +364,8 @@ def fit(
                     on_epoch_end(epoch, stacked)
         finally:
             bar.close()
+        order = {name: i for i, name in enumerate(ensemble.names)}
+        history.sort(key=lambda r: (r["epoch"], order[r["member"]]))
         stacked.load_state_dict(averager.result())
         result = stacked.to_ensemble()
     if getattr(ensemble, "provenance", None) is not None:
