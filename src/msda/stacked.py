@@ -88,13 +88,12 @@ class _ReluDropoutPool2(torch.autograd.Function):
         g = grad.unsqueeze(dim + 1)
         if not ctx.training:
             g = g * 0.5
-        odd = kept.shape[dim] > 2 * half
-        gz = kept.new_zeros(kept.shape) if odd else torch.empty_like(kept)
-        # 1 where the kept value is positive (z > 0 and kept by the coin), else 0: exact for every
-        # positive float, and two vectorised passes (torch.sign is not vectorised on CPU)
-        passed = gz.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2))
-        torch.clamp(kept.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2)), max=1.0, out=passed)
-        passed.ceil_().mul_(g)
+        # the gradient reaches z where the kept value is positive (z > 0 and kept by the coin):
+        # ReLU's backward kernel, broadcasting the pooled gradient over each pair, in one pass
+        pairs = kept.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2))
+        gz = torch.ops.aten.threshold_backward(g, pairs, 0.0).flatten(dim, dim + 1)
+        if kept.shape[dim] > 2 * half:
+            gz = torch.cat((gz, gz.new_zeros(1).expand_as(kept.narrow(dim, 2 * half, 1))), dim=dim)
         return gz, None, None
 
 
@@ -125,10 +124,10 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
         b, length, c = kept.shape
         half = grad.shape[1]
         g = grad if ctx.training else grad * 0.5
-        gy = kept.new_zeros(b, length, c) if length > 2 * half else torch.empty_like(kept)
-        passed = gy[:, : 2 * half].view(b, half, 2, c)
-        torch.clamp(kept[:, : 2 * half].view(b, half, 2, c), max=1.0, out=passed)
-        passed.ceil_().mul_(g.unsqueeze(2))  # 1 where the kept value is positive, times the gradient
+        pairs = kept[:, : 2 * half].view(b, half, 2, c)
+        gy = torch.ops.aten.threshold_backward(g.unsqueeze(2), pairs, 0.0).view(b, 2 * half, c)
+        if length > 2 * half:
+            gy = torch.cat((gy, gy.new_zeros(b, length - 2 * half, c)), dim=1)
         grad_w = (patches.t() @ gy.view(b * length, c)).t() if ctx.needs_input_grad[1] else None
         return None, grad_w, None, None
 
