@@ -3,14 +3,17 @@
 Training 25 members one after another (as the authors' code does) costs thousands of small
 PyTorch calls per batch. Here the members share each batch and their parameters are stacked:
 
-- the convolution stage and the input norm have the same shapes in every member, so each layer
-  is one batched matrix product over the members (the first convolution, whose input is the
-  same for all members, is a single GEMM);
-- the dense blocks are grouped by width: block k of every member of width w that is deeper
-  than k is one batched product;
-- the bottlenecks of one width group take inputs of different lengths (30 + d*w); they are
-  zero-padded at the front to the deepest member's length. The padded weight entries see only
-  zero inputs, so their gradients, Adam moments and updates are exactly zero: they stay zero.
+- the first convolution sees the same series in every member: one matrix product for all
+  members, its batch norm folded into the weights (``_SharedConv``), ReLU, dropout and the
+  pairwise pool in one autograd function;
+- the second convolution is one grouped convolution in steps-major layout, the third one
+  banded matrix per member (``_ToeplitzConv``);
+- the dense blocks are grouped (widths 8-32 share a group, zero-padded to 32; 64 and 128 have
+  their own): block k of every member of a group that is deeper than k is one batched product;
+- the bottlenecks of a group take inputs of different lengths (30 + d*w); they are zero-padded
+  at the front to the deepest member's length. Padded weights see only zero inputs (or feed
+  zero weights), so their gradients, Adam moments and updates are exactly zero: they stay zero;
+- activations are processed in member chunks under 30 MiB (``CHUNK_BYTES``).
 
 The mathematics is that of independent members: each member's loss depends only on its own
 parameters, so the gradient of the summed loss is each member's own gradient, and one Adam over
@@ -37,6 +40,13 @@ CHUNK_BYTES = 30 * 1024 * 1024  # under glibc's largest mmap threshold (32 MiB)
 
 assert DROPOUT == 0.5, "the fast dropout below draws fair coins (p = 0.5, the model's rate)"
 _BIT_TABLE = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float()  # byte -> its 8 bits
+_CONSTANTS: dict[tuple, torch.Tensor] = {}  # small constant tensors per device, made once
+
+
+def _constant(key: tuple, make) -> torch.Tensor:
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = make()
+    return _CONSTANTS[key]
 
 
 def coin_mask(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, keep_scale: float) -> torch.Tensor:
@@ -49,7 +59,7 @@ def coin_mask(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, 
     """
     n = math.prod(shape)
     words = torch.empty(-(-n // 64), dtype=torch.int64, device=device).random_(-(2**63), None)
-    table = (_BIT_TABLE * keep_scale).to(device=device, dtype=dtype)
+    table = _constant(("bits", device, dtype, keep_scale), lambda: (_BIT_TABLE * keep_scale).to(device=device, dtype=dtype))
     return table.index_select(0, words.view(torch.uint8).int()).view(-1)[:n].view(shape)
 
 
@@ -59,12 +69,32 @@ def _dropout(x: torch.Tensor, training: bool) -> torch.Tensor:
     return x * coin_mask(tuple(x.shape), x.device, x.dtype, 2.0)
 
 
+def _pair_sum(kept: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of neighbouring pairs along ``dim`` (floor mode: a last odd element is dropped)."""
+    half = kept.shape[dim] // 2
+    pairs = kept.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2))
+    return pairs.select(dim + 1, 0) + pairs.select(dim + 1, 1)
+
+
+def _pair_backward(grad: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gradient of ``_pair_sum(relu-and-dropout output)`` with respect to the pre-ReLU input.
+
+    The gradient reaches an element where its kept value is positive (z > 0 and kept by the
+    coin): ReLU's backward kernel, broadcasting the pooled gradient over each pair, in one pass.
+    """
+    half = grad.shape[dim]
+    pairs = kept.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2))
+    gz = torch.ops.aten.threshold_backward(grad.unsqueeze(dim + 1), pairs, 0.0).flatten(dim, dim + 1)
+    if kept.shape[dim] > 2 * half:
+        gz = torch.cat((gz, gz.new_zeros(1).expand_as(kept.narrow(dim, 2 * half, 1))), dim=dim)
+    return gz
+
+
 class _ReluDropoutPool2(torch.autograd.Function):
     """avg_pool(dropout(relu(z)), 2) along axis ``dim`` (floor mode), dropout p = 0.5.
 
-    Dropout's x2 and the pool's /2 cancel, so the output is the sum of kept pairs. The backward
-    pass keeps one tensor (the kept values) instead of three, and is one product: the gradient
-    reaches z where z > 0 and the coin kept it, i.e. where the kept value is positive.
+    Dropout's x2 and the pool's /2 cancel, so in training the output is the sum of kept pairs.
+    The backward pass keeps one tensor (the kept values) instead of three and is one pass.
     """
 
     @staticmethod
@@ -73,37 +103,23 @@ class _ReluDropoutPool2(torch.autograd.Function):
         kept = F.relu(z)
         if training:
             kept = kept.mul_(coin_mask(tuple(z.shape), z.device, z.dtype, 1.0))
-        half = z.shape[dim] // 2
-        even = kept.narrow(dim, 0, 2 * half)
-        out = even.unflatten(dim, (half, 2)).select(dim + 1, 0) + even.unflatten(dim, (half, 2)).select(dim + 1, 1)
         ctx.save_for_backward(kept)
         ctx.training, ctx.dim = training, dim
+        out = _pair_sum(kept, dim)
         return out if training else out.mul_(0.5)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (kept,) = ctx.saved_tensors
-        dim = ctx.dim
-        half = grad.shape[dim]
-        g = grad.unsqueeze(dim + 1)
-        if not ctx.training:
-            g = g * 0.5
-        # the gradient reaches z where the kept value is positive (z > 0 and kept by the coin):
-        # ReLU's backward kernel, broadcasting the pooled gradient over each pair, in one pass
-        pairs = kept.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2))
-        gz = torch.ops.aten.threshold_backward(g, pairs, 0.0).flatten(dim, dim + 1)
-        if kept.shape[dim] > 2 * half:
-            gz = torch.cat((gz, gz.new_zeros(1).expand_as(kept.narrow(dim, 2 * half, 1))), dim=dim)
-        return gz, None, None
+        return _pair_backward(grad if ctx.training else grad * 0.5, kept, ctx.dim), None, None
 
 
 class _LinearReluDropoutPool2(torch.autograd.Function):
-    """pool2(dropout(relu(patches @ w.T))) over steps, for the first convolution.
+    """pool2(dropout(relu(patches @ w.T))) over steps (dim 1 of (B, L, C)), for the first convolution.
 
     ``patches`` carry a column of ones and ``w`` the bias as its last column, so the product needs
     no bias copy and the bias gradient comes out of the weight gradient. The product's output is
-    reused in place for the ReLU and the mask (one activation allocated instead of three), and
-    the backward pass is one masked product and one matrix product.
+    reused in place for the ReLU and the mask (one activation allocated instead of three).
     """
 
     @staticmethod
@@ -112,23 +128,16 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
         if training:
             y.mul_(coin_mask(tuple(y.shape), y.device, y.dtype, 1.0))
         kept = y.view(-1, length, y.shape[1])
-        half = length // 2
-        out = kept[:, 0 : 2 * half : 2] + kept[:, 1 : 2 * half : 2]
         ctx.save_for_backward(patches, kept)
         ctx.training = training
+        out = _pair_sum(kept, 1)
         return out if training else out.mul_(0.5)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         patches, kept = ctx.saved_tensors
-        b, length, c = kept.shape
-        half = grad.shape[1]
-        g = grad if ctx.training else grad * 0.5
-        pairs = kept[:, : 2 * half].view(b, half, 2, c)
-        gy = torch.ops.aten.threshold_backward(g.unsqueeze(2), pairs, 0.0).view(b, 2 * half, c)
-        if length > 2 * half:
-            gy = torch.cat((gy, gy.new_zeros(b, length - 2 * half, c)), dim=1)
-        grad_w = (patches.t() @ gy.view(b * length, c)).t() if ctx.needs_input_grad[1] else None
+        gy = _pair_backward(grad if ctx.training else grad * 0.5, kept, 1)
+        grad_w = (patches.t() @ gy.reshape(-1, kept.shape[2])).t() if ctx.needs_input_grad[1] else None
         return None, grad_w, None, None
 
 
@@ -247,8 +256,12 @@ def _dense_columns(n_in: int, k: int, width: int, slot: int) -> torch.Tensor:
 
 def _replicate_taps(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """taps[s, m, l] = 1 where output step m reads input step l through tap s (replicate padding)."""
-    src = (torch.arange(length).unsqueeze(0) + torch.arange(KERNEL).unsqueeze(1) - KERNEL // 2).clamp(0, length - 1)
-    return F.one_hot(src, length).to(device=device, dtype=dtype)  # (K, L, L)
+
+    def make() -> torch.Tensor:
+        src = (torch.arange(length).unsqueeze(0) + torch.arange(KERNEL).unsqueeze(1) - KERNEL // 2).clamp(0, length - 1)
+        return F.one_hot(src, length).to(device=device, dtype=dtype)  # (K, L, L)
+
+    return _constant(("taps", length, device, dtype), make)
 
 
 class _SharedConv(_Conv):
