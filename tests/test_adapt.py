@@ -52,14 +52,16 @@ def test_pretrain_then_adapt_cli(files, tmp_path):
     out = tmp_path / "run"
     r = runner.invoke(app, ["adapt", "-w", str(tmp_path / "pre"), "--fine", str(files / "fine.parquet"),
                             "--coarse", str(files / "coarse.parquet"), "--network", "SCAN", "--stations", "2",
-                            "--method", "msda", "--epochs", "3", "--average-last", "2", "-o", str(out), "--device", "cpu"])
+                            "--method", "msda", "--epochs", "3", "--average-last", "2", "-o", str(out), "--device", "cpu",
+                            "--monitor-every", "1"])
     assert r.exit_code == 0, r.output
     assert "target stations" in r.output and "pretrained" in r.output
     assert {p.name for p in out.iterdir()} == {"weights", "stations.csv", "losses.csv", "metrics.csv", "run.json",
                                                "target_predictions.parquet", "losses.png", "target_scatter.png"}
     losses = pd.read_csv(out / "losses.csv")
     assert len(losses) == 2 * 3 and {"joint", "fine_50m", "coarse_9km", "domain"} <= set(losses.columns)
-    assert losses[["joint", "fine_50m", "coarse_9km", "domain"]].notna().all().all()
+    assert losses[["joint", "fine_50m", "coarse_9km", "domain", "monitor_rmse"]].notna().all().all()
+    assert list(losses["member"][:2]) == ["m_1_8", "m_2_8"]  # rows in the ensemble's member order
     stations = pd.read_csv(out / "stations.csv")
     assert len(stations) == 2 and (stations["samples"] > 5).all()
     run = json.loads((out / "run.json").read_text())

@@ -102,8 +102,9 @@ def test_eq4_makes_terms_equal_at_start():
             assert (beta[k] * dom).item() == pytest.approx(0.7 * fine.item(), rel=1e-4)
 
 
-def _fit(weights, data=None, epochs=3, seed=0, **kw):
-    return fit(DenseSME(SPECS, seed=0), data or _data(), weights, TrainSettings(epochs=epochs, batch=16, seed=seed, device="cpu", **kw), progress=False)
+def _fit(weights, data=None, epochs=3, seed=0, device_override="cpu", **kw):
+    settings = TrainSettings(epochs=epochs, batch=16, seed=seed, device=device_override, **kw)
+    return fit(DenseSME(SPECS, seed=0), data or _data(), weights, settings, progress=False)
 
 
 def _same(a, b):
@@ -157,3 +158,10 @@ def test_missing_streams_are_errors():
         _fit(LossWeights.for_method("ms"), FitData(data.x_labeled, data.y_labeled, x_target=data.x_target))
     with pytest.raises(TransferError, match="target"):
         _fit(LossWeights.for_method("da"), FitData(data.x_labeled, data.y_labeled))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_runs_on_cuda():
+    res = _fit(LossWeights.for_method("msda"), device_override="cuda")
+    assert res.device.startswith("cuda")
+    assert all(torch.isfinite(p).all() for p in res.ensemble.parameters())

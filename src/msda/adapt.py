@@ -87,10 +87,12 @@ def adapt(
     domain_loss: str = "coral",
     progress: bool = True,
     figures: bool = True,
+    monitor_every: int = 0,
 ) -> tuple[FitResult, pd.DataFrame]:
     """Adapt ``ensemble`` to ``network`` with ``method``; write the output directory ``out``.
 
     Returns the fit and the target metrics (pretrained and adapted ensemble mean).
+    ``monitor_every`` > 0 adds the target RMSE every that many epochs to ``losses.csv``.
     """
     weights = LossWeights.for_method(method, alpha, beta, domain_loss)
     settings.check()
@@ -107,7 +109,10 @@ def adapt(
     if weights.uses_9km and problem.coarse.empty:
         raise TransferError(f"{coarse.source}: no 9 km samples in the cells of network {network}'s stations")
     out = Path(out)
-    result = fit(ensemble, problem.fit_data(), weights, settings, progress, description=method)
+    data = problem.fit_data()
+    monitor = (data.x_target, torch.from_numpy(problem.target[TRUTH].to_numpy(np.float32, copy=True)))
+    result = fit(ensemble, data, weights, settings, progress, description=method,
+                 monitor=monitor if monitor_every else None, monitor_every=monitor_every)
 
     x_target = problem.target[fine.schema.feature_names].to_numpy(np.float32)
     device = result.device

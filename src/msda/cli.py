@@ -285,6 +285,8 @@ def adapt(
     batch: int = typer.Option(128, min=2, help="Samples per step from each stream."),
     average_last: int = typer.Option(10, min=1, help="Average the weights of the last epochs."),
     domain_loss: str = typer.Option("coral", "--domain-loss", help="coral or mmd."),
+    monitor_every: int = typer.Option(0, "--monitor-every", min=0,
+                                      help="Every N epochs, log the target RMSE to losses.csv (0: never)."),
     seed: int = typer.Option(0, help="Seed of the station draw, batches and dropout."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the training step."),
@@ -312,7 +314,7 @@ def adapt(
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
                              device=device, compile=compile)
     res, metrics = run_adapt(ensemble, fine_s, coarse_s, network, chosen, method.lower(), out, settings,
-                             alpha, beta_value, domain_loss)
+                             alpha, beta_value, domain_loss, monitor_every=monitor_every)
     typer.echo(f"wrote {out}: {method} on {network}, {len(ensemble.specs)} members, {epochs} epochs in "
                f"{res.seconds:.1f} s ({res.device})")
     typer.echo("target stations (transductive):")

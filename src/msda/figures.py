@@ -14,7 +14,8 @@ import pandas as pd  # noqa: E402
 from msda.metrics import scores  # noqa: E402
 from msda.tables import TRUTH  # noqa: E402
 
-TERMS = (("joint", "joint"), ("fine_50m", "50 m MSE"), ("coarse_9km", "9 km MSE"), ("domain", "domain"))
+TERMS = (("joint", "joint"), ("fine_50m", "50 m MSE"), ("coarse_9km", "9 km MSE"), ("domain", "domain"),
+         ("monitor_rmse", "target RMSE (ensemble)"))
 
 
 def loss_curves(losses: pd.DataFrame, out: Path, title: str = "") -> None:

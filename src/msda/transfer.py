@@ -243,11 +243,15 @@ def fit(
     progress: bool = True,
     on_epoch_end: Callable[[int, StackedEnsemble], None] | None = None,
     description: str = "adapt",
+    monitor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    monitor_every: int = 0,
 ) -> FitResult:
     """Train all members of ``ensemble`` together with the loss ``weights``; returns a new ensemble.
 
     The input ensemble is not modified. The result holds the mean of the weights at the end of
-    the last ``settings.average_last`` epochs.
+    the last ``settings.average_last`` epochs. ``monitor`` = (x, y): every ``monitor_every``
+    epochs, the RMSE of the current ensemble mean on these samples is added to the epoch's
+    loss rows (``monitor_rmse``); off by default, as it costs a forward pass over them.
     """
     settings.check()
     weights.check()
@@ -360,6 +364,10 @@ def fit(
                 bar.set_postfix(loss=f"{means[0].mean():.4g}")
                 if epoch >= first_avg:
                     averager.update(stacked.state_dict())
+                if monitor is not None and monitor_every > 0 and (epoch + 1) % monitor_every == 0:
+                    rmse = _ensemble_rmse(stacked, monitor[0].to(device), monitor[1].to(device))
+                    for row in history[-m:]:
+                        row["monitor_rmse"] = rmse
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, stacked)
         finally:
@@ -378,6 +386,17 @@ def fit(
         steps=steps,
         device=str(device),
     )
+
+
+@torch.no_grad()
+def _ensemble_rmse(stacked: StackedEnsemble, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
+    """RMSE of the ensemble mean (eval mode) on (x, y); restores training mode."""
+    stacked.eval()
+    try:
+        pred = torch.cat([stacked(part, internal_order=True)[0].mean(0) for part in x.split(chunk)])
+    finally:
+        stacked.train()
+    return float(torch.sqrt(torch.mean((pred - y) ** 2)))
 
 
 def _adam_kwargs(device: torch.device) -> dict:
