@@ -303,7 +303,7 @@ def fit(
                 total = total + beta_internal * dom
             return total, fine, coarse, dom
 
-        step_fn = torch.compile(losses, dynamic=True) if settings.compile else losses
+        step_fn = torch.compile(losses, dynamic=False) if settings.compile else losses
         averager = WeightAverage()
         first_avg = max(settings.epochs - settings.average_last, 0)
         history = []
