@@ -1,0 +1,502 @@
+"""The paper's evaluation (METHOD.md section 6), one Dask task per fit, resumable.
+
+A run directory holds:
+
+- ``protocol.json``: the protocol, the inputs and the versions (a resumed run must match it)
+- ``tasks/<key>.parquet``: one finished fit each (written atomically): the ensemble-mean
+  prediction for every row of the fine table, with the training stations, seeds, beta per
+  member and timings in the Parquet metadata. ``pretrained`` is one task; its predictions are
+  scored against the training stations of every (N, repeat).
+- ``results/*.parquet``: the tables of :func:`analyse` (runs, stations, networks, regions,
+  median runs, t-tests, alpha table)
+- ``figures/*.png`` and ``report.html`` (see :mod:`msda.report`)
+
+A killed run continues where it stopped: finished task files are not redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from msda.errors import MsdaError
+from msda.io import atomic_path
+from msda.metrics import METRICS, grouped_scores
+from msda.model import member_name
+from msda.tables import TRUTH, Samples
+
+METHODS = ("pretrained", "finetune", "ms", "da", "msda")
+PAPER_NS = (1, 5, 9, 13, 17, 21, 29, 37, 45)
+ALPHA_METHODS = ("ms", "msda")  # the methods whose loss has an alpha
+QUICK_MEMBERS = tuple(member_name(d, 16) for d in (1, 2, 3, 4, 5))  # the width-16 member of each depth
+N_STRIPS = 6
+SAMPLES = {"n": "samples"}  # in result tables, n is the number of training stations
+
+
+class ExperimentError(MsdaError):
+    """Bad protocol, inputs, or a failed task."""
+
+
+# ----- protocol -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Protocol:
+    """What to run: N x repeats x methods x alphas, and the fit settings of every task."""
+
+    network: str = "SCAN"
+    ns: tuple[int, ...] = PAPER_NS
+    repeats: int = 10
+    methods: tuple[str, ...] = METHODS
+    alphas: tuple[float, ...] = (0.7,)
+    epochs: int = 50
+    batch: int = 128
+    lr: float = 5e-4
+    average_last: int = 10
+    domain_loss: str = "coral"
+    members: tuple[str, ...] = ()  # empty: every member of the weights
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **changes) -> "Protocol":
+        """The demo's protocol: 5 members, 8 epochs, N in 1, 5, 21, 3 repeats (minutes on 2 cores)."""
+        base = dict(ns=(1, 5, 21), repeats=3, epochs=8, average_last=3, members=QUICK_MEMBERS, quick=True)
+        return cls(**{**base, **changes})
+
+    def check(self, n_stations: int | None = None) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ExperimentError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if not self.methods:
+            raise ExperimentError("no methods to run")
+        if not self.ns or min(self.ns) < 1:
+            raise ExperimentError(f"every N must be >= 1, got {list(self.ns)}")
+        if self.repeats < 1:
+            raise ExperimentError(f"repeats must be >= 1, got {self.repeats}")
+        bad = [a for a in self.alphas if not 0.0 <= a <= 1.0]
+        if bad or not self.alphas:
+            raise ExperimentError(f"alpha must lie in [0, 1], got {bad[0] if bad else 'none'}")
+        if self.domain_loss not in ("coral", "mmd"):
+            raise ExperimentError(f"unknown domain loss {self.domain_loss!r}; choose coral or mmd")
+        if n_stations is not None and max(self.ns) >= n_stations:
+            raise ExperimentError(
+                f"network {self.network} has {n_stations} stations; N = {max(self.ns)} leaves no target station "
+                f"(at most {n_stations - 1})"
+            )
+
+    def tasks(self) -> list["Task"]:
+        out = [Task(0, 0, "pretrained", None)] if "pretrained" in self.methods else []
+        for n in self.ns:
+            for rep in range(self.repeats):
+                for method in self.methods:
+                    if method == "pretrained":
+                        continue
+                    for alpha in self.alphas if method in ALPHA_METHODS else (None,):
+                        out.append(Task(n, rep, method, alpha))
+        return out
+
+    def station_seed(self, n: int, repeat: int) -> int:
+        """The seed of the station draw of (N, repeat): the same for every method (paired runs)."""
+        return int(np.random.SeedSequence([self.seed, n, repeat]).generate_state(1)[0])
+
+    def fit_fields(self) -> dict:
+        """The settings that change a task's result: a resumed run must not change them."""
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in ("network", "epochs", "batch", "lr", "average_last", "domain_loss", "members", "seed")}
+
+
+@dataclass(frozen=True)
+class Task:
+    n: int
+    repeat: int
+    method: str
+    alpha: float | None
+
+    @property
+    def key(self) -> str:
+        if self.method == "pretrained":
+            return "pretrained"
+        a = "" if self.alpha is None else f"_a{self.alpha:.2f}"
+        return f"n{self.n:03d}_r{self.repeat:02d}_{self.method}{a}"
+
+    @property
+    def variant(self) -> str:
+        """The method with its alpha where it has one, e.g. ``msda (0.7)``."""
+        return self.method if self.alpha is None else f"{self.method} ({self.alpha:g})"
+
+
+# ----- running one task (on a Dask worker or inline) ----------------------------------------
+@dataclass(frozen=True)
+class Inputs:
+    fine: str
+    coarse: str
+    weights: str
+    schema: str | None = None
+
+
+@lru_cache(maxsize=2)
+def _load(inputs: Inputs, members: tuple[str, ...]):
+    """Tables and weights, read once per worker process."""
+    from msda.schema import DEFAULT_SCHEMA, load_schema
+    from msda.tables import read_samples
+    from msda.weights import load_ensemble
+
+    schema = DEFAULT_SCHEMA if inputs.schema is None else load_schema(inputs.schema)
+    fine = read_samples(inputs.fine, "fine", schema)
+    coarse = read_samples(inputs.coarse, "coarse", schema)
+    ensemble = select_members(load_ensemble(inputs.weights, schema=schema), members, inputs.weights)
+    return fine, coarse, ensemble
+
+
+def select_members(ensemble, names: tuple[str, ...], source: str = "the weights"):
+    """A DenseSM-E of the named members (all when ``names`` is empty)."""
+    import copy
+
+    from msda.model import DenseSME
+
+    if not names:
+        return ensemble
+    missing = [n for n in names if n not in ensemble.names]
+    if missing:
+        raise ExperimentError(f"{source}: no member {missing[0]} (members: {', '.join(ensemble.names)})")
+    keep = [ensemble.names.index(n) for n in names]
+    sub = DenseSME([ensemble.specs[i] for i in keep], schema=ensemble.schema)
+    for j, i in enumerate(keep):
+        sub.members[j] = copy.deepcopy(ensemble.members[i])
+    sub.provenance = getattr(ensemble, "provenance", {})
+    return sub
+
+
+def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: str = "auto", threads: int = 0) -> str:
+    """Fit one task and write ``out/tasks/<key>.parquet``; returns the key. Skips a finished one."""
+    import torch
+
+    from msda.predict import predict
+    from msda.runtime import tune_allocator
+    from msda.transfer import LossWeights, TrainSettings, adapt_problem, fit, resolve_device
+
+    path = Path(out) / "tasks" / f"{task.key}.parquet"
+    if path.exists():
+        return task.key
+    if threads:
+        torch.set_num_threads(threads)
+    fine, coarse, ensemble = _load(inputs, protocol.members)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_allocator()
+    t0 = time.perf_counter()
+    meta = {"key": task.key, "n": task.n, "repeat": task.repeat, "method": task.method, "alpha": task.alpha}
+    if task.method == "pretrained":
+        model, extra = ensemble, {"train_stations": [], "beta": [], "fit_seconds": 0.0, "station_seed": None}
+    else:
+        seed = protocol.station_seed(task.n, task.repeat)
+        problem = adapt_problem(fine, coarse, protocol.network, task.n, seed=seed)
+        weights = LossWeights.for_method(task.method, task.alpha, None, protocol.domain_loss)
+        settings = TrainSettings(epochs=protocol.epochs, lr=protocol.lr, batch=protocol.batch,
+                                 average_last=protocol.average_last, seed=seed, device=str(dev))
+        result = fit(ensemble, problem.fit_data(), weights, settings, progress=False, description=task.key)
+        model = result.ensemble
+        extra = {"train_stations": problem.train_stations, "beta": result.beta, "fit_seconds": round(result.seconds, 3),
+                 "station_seed": seed, "steps": result.steps}
+    pred = predict(model, fine.features(), device=dev)
+    meta.update(extra, seconds=round(time.perf_counter() - t0, 3), device=str(dev), threads=torch.get_num_threads())
+    table = pa.table({"pred": pred.mean.astype(np.float32), "spread": pred.std.astype(np.float32)})
+    table = table.replace_schema_metadata({b"msda": json.dumps(meta).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return task.key
+
+
+def read_task(path: Path) -> tuple[dict, np.ndarray]:
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"msda"])
+    return meta, table.column("pred").to_numpy()
+
+
+# ----- the whole run -----------------------------------------------------------------------
+def _check_resume(out: Path, record: dict) -> None:
+    path = out / "protocol.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    for section in ("fit", "inputs"):
+        if old.get(section) != record[section]:
+            raise ExperimentError(
+                f"{path}: this run directory was made with other {section} settings "
+                f"({old.get(section)} vs {record[section]}); use a new --out or the same settings"
+            )
+
+
+def run_experiment(
+    inputs: Inputs,
+    out: str | Path,
+    protocol: Protocol,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    report: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Run (or resume) every task of ``protocol``, then the analysis, figures and report.
+
+    ``scheduler``: None starts a local Dask cluster; an address ('tcp://host:8786') uses an
+    existing one (its workers must see the input paths and ``out``); 'inline' runs the tasks in
+    this process without Dask.
+    """
+    from tqdm.auto import tqdm
+
+    from msda.weights import provenance
+
+    out = Path(out)
+    inputs = Inputs(*(str(Path(v).resolve()) if v else None for v in dataclasses.astuple(inputs)))
+    for name, path in zip(("fine table", "9 km table", "weights"), dataclasses.astuple(inputs)):
+        if not Path(path).exists():
+            raise ExperimentError(f"{path}: the {name} does not exist")
+    fine, coarse, ensemble = _load(inputs, protocol.members)
+    if protocol.network not in fine.networks:
+        raise ExperimentError(f"{inputs.fine}: no samples of network {protocol.network!r} (networks: {', '.join(fine.networks)})")
+    n_stations = fine.frame.loc[fine.frame["network"].astype(str) == protocol.network, "station"].nunique()
+    protocol.check(n_stations)
+    record = {
+        "protocol": dataclasses.asdict(protocol),
+        "fit": protocol.fit_fields(),
+        "inputs": dataclasses.asdict(inputs),
+        "members": ensemble.names,
+        "n_tasks": len(protocol.tasks()),
+        **provenance(),
+    }
+    _check_resume(out, record)
+    (out / "tasks").mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "protocol.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+
+    tasks = protocol.tasks()
+    todo = [t for t in tasks if not (out / "tasks" / f"{t.key}.parquet").exists()]
+    if todo:
+        _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress, tqdm)
+    tables = analyse(out, fine, coarse, protocol, tasks)
+    if report:
+        from msda.report import write_report
+
+        write_report(out, tables, record)
+    return tables
+
+
+def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress, tqdm) -> None:
+    bar = tqdm(total=len(todo), desc="experiment", unit=" fits", disable=not progress)
+    # the costly fits first, so that the cluster does not end waiting on one large N
+    todo = sorted(todo, key=lambda t: -t.n)
+    try:
+        if scheduler == "inline":
+            for t in todo:
+                run_task(t, protocol, inputs, str(out), device)
+                bar.update()
+            return
+        from dask.distributed import Client, LocalCluster, as_completed
+
+        cluster = None
+        if scheduler is None:
+            cores = os.cpu_count() or 1
+            n = workers or 1
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+            client, threads = Client(cluster), max(1, cores // n)
+        else:
+            try:
+                client = Client(scheduler, timeout="20s")
+            except OSError as exc:
+                raise ExperimentError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from None
+            threads = 0
+        try:
+            futures = {client.submit(run_task, t, protocol, inputs, str(out.resolve()), device, threads,
+                                     key=f"msda-{t.key}", pure=False): t for t in todo}
+            for fut in as_completed(futures):
+                if fut.status == "error":
+                    exc = fut.exception()
+                    raise ExperimentError(f"task {futures[fut].key} failed: {exc}") from None
+                bar.update()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    finally:
+        bar.close()
+
+
+# ----- analysis ------------------------------------------------------------------------------
+def station_table(fine: Samples) -> pd.DataFrame:
+    """One row per station: network, lon, lat (from ``stations.csv`` beside the fine table, else
+    the centre of its 9 km cell), and its longitudinal and latitudinal strip (6 each, about equal
+    station counts)."""
+    from msda.grids import GRID_9KM, xy_to_lonlat
+
+    frame = fine.frame
+    st = frame.groupby("station", sort=True).agg(network=("network", "first"), r=("r", "first"), c=("c", "first"))
+    st.index = st.index.astype(str)
+    side = Path(fine.source).with_name("stations.csv")
+    lon = lat = None
+    if side.exists():
+        known = pd.read_csv(side, dtype={"station": str}).set_index("station")
+        if {"lon", "lat"} <= set(known.columns) and st.index.isin(known.index).all():
+            lon, lat = known.loc[st.index, "lon"].to_numpy(), known.loc[st.index, "lat"].to_numpy()
+    if lon is None:
+        lon, lat = xy_to_lonlat(*GRID_9KM.center(st["r"].to_numpy(), st["c"].to_numpy()))
+    st["lon"], st["lat"] = lon, lat
+    k = min(N_STRIPS, len(st))
+    st["lon_strip"] = pd.qcut(st["lon"].rank(method="first"), k, labels=False).astype(int)
+    st["lat_strip"] = pd.qcut(st["lat"].rank(method="first"), k, labels=False).astype(int)
+    return st.reset_index()
+
+
+def _strip_bounds(st: pd.DataFrame, col: str, strip: str) -> dict[int, str]:
+    g = st.groupby(strip)[col].agg(["min", "max"])
+    unit = "E" if col == "lon" else "N"
+    return {int(i): f"{r['min']:.1f} to {r['max']:.1f} {unit}" for i, r in g.iterrows()}
+
+
+def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks: list[Task]) -> dict[str, pd.DataFrame]:
+    """Score every finished task; write and return the result tables (``results/*.parquet``)."""
+    frame = fine.frame
+    truth = frame[TRUTH].to_numpy(np.float64)
+    st = station_table(fine)
+    station_code = pd.Categorical(frame["station"].astype(str), categories=st["station"]).codes
+    networks = sorted(frame["network"].astype(str).unique())
+    net_code = pd.Categorical(frame["network"].astype(str), categories=networks).codes
+    in_net = (frame["network"].astype(str) == protocol.network).to_numpy()
+    st_net = st["network"].astype(str).to_numpy()
+
+    done = {t.key: t for t in tasks if (out / "tasks" / f"{t.key}.parquet").exists()}
+    preds: dict[str, np.ndarray] = {}
+    metas: dict[str, dict] = {}
+    for key in done:
+        metas[key], preds[key] = read_task(out / "tasks" / f"{key}.parquet")
+    draws = {(m["n"], m["repeat"]): m["train_stations"] for m in metas.values() if m["method"] != "pretrained"}
+    for n in protocol.ns:  # pretrained is scored on every draw, including draws whose fits are pending
+        for rep in range(protocol.repeats):
+            if (n, rep) not in draws:
+                from msda.transfer import adapt_problem
+
+                draws[(n, rep)] = adapt_problem(fine, coarse, protocol.network, n, protocol.station_seed(n, rep)).train_stations
+
+    runs, stations, nets, regions = [], [], [], []
+    for key, task in done.items():
+        meta, pred = metas[key], preds[key]
+        pairs = sorted(draws) if task.method == "pretrained" else [(task.n, task.repeat)]
+        for n, rep in pairs:
+            train = set(draws[(n, rep)])
+            is_train_st = st["station"].isin(train).to_numpy()
+            row_train = is_train_st[station_code]
+            trans = in_net & ~row_train
+            ind = ~in_net
+            head = {"n": n, "repeat": rep, "method": task.method, "alpha": task.alpha,
+                    "variant": task.variant, "train_stations": ",".join(sorted(train))}
+            pooled = grouped_scores(np.where(trans, 0, np.where(ind, 1, -1)), truth, pred, 2)
+            per_st = grouped_scores(np.where(row_train, -1, station_code), truth, pred, len(st)).rename(columns=SAMPLES)
+            per_st["station"], per_st["network"] = st["station"], st_net
+            per_st["lon"], per_st["lat"] = st["lon"], st["lat"]
+            per_st = per_st[~is_train_st & (per_st["samples"] > 0)]
+            st_mean = per_st[per_st["network"] == protocol.network][["bias", "r", "rmse", "ubrmse"]].mean()
+            runs.append({
+                **head,
+                "samples": int(pooled.loc[0, "n"]), **{m: pooled.loc[0, m] for m in METRICS[1:]},
+                **{f"station_{m}": st_mean[m] for m in ("bias", "r", "rmse", "ubrmse")},
+                "inductive_samples": int(pooled.loc[1, "n"]), **{f"inductive_{m}": pooled.loc[1, m] for m in METRICS[1:]},
+                "seconds": meta.get("seconds"), "fit_seconds": meta.get("fit_seconds"),
+                "station_seed": protocol.station_seed(n, rep),
+            })
+            stations.append(per_st.assign(**head))
+            pn = grouped_scores(np.where(row_train, -1, net_code), truth, pred, len(networks)).rename(columns=SAMPLES)
+            pn.insert(0, "network", networks)
+            nets.append(pn.assign(**head))
+            for col, strip in (("lon", "lon_strip"), ("lat", "lat_strip")):
+                codes = st[strip].to_numpy()[station_code]
+                ps = grouped_scores(np.where(row_train, -1, codes), truth, pred, N_STRIPS).rename(columns=SAMPLES)
+                bounds = _strip_bounds(st, col, strip)
+                ps.insert(0, "strip", np.arange(N_STRIPS))
+                ps.insert(0, "kind", "longitude" if col == "lon" else "latitude")
+                ps.insert(2, "range", [bounds.get(i, "") for i in range(N_STRIPS)])
+                regions.append(ps.assign(**head))
+
+    tables = {
+        "runs": pd.DataFrame(runs),
+        "stations": pd.concat(stations, ignore_index=True) if stations else pd.DataFrame(),
+        "networks": pd.concat(nets, ignore_index=True) if nets else pd.DataFrame(),
+        "regions": pd.concat(regions, ignore_index=True) if regions else pd.DataFrame(),
+    }
+    tables["median"] = median_runs(tables["runs"])
+    tables["ttests"] = paired_tests(tables["runs"])
+    tables["alpha"] = alpha_table(tables["runs"])
+    tables["station_info"] = st
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        with atomic_path(results / f"{name}.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+    return tables
+
+
+def median_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, N): the run with the median transductive RMSE (the 5th of 10: the lower
+    median for an even count) and the spread of RMSE over the repeats."""
+    if runs.empty:
+        return pd.DataFrame()
+    rows = []
+    for (variant, n), g in runs.groupby(["variant", "n"], sort=True):
+        g = g.sort_values(["rmse", "repeat"])
+        med = g.iloc[(len(g) - 1) // 2]
+        rmse = g["rmse"]
+        rows.append({
+            "variant": variant, "method": med["method"], "alpha": med["alpha"], "n": n, "repeats": len(g),
+            "median_repeat": int(med["repeat"]), **{m: med[m] for m in ("bias", "r", "rmse", "ubrmse")},
+            "inductive_rmse": med["inductive_rmse"], "station_rmse": med["station_rmse"],
+            "rmse_mean": rmse.mean(), "rmse_std": rmse.std(ddof=1) if len(g) > 1 else np.nan,
+            "rmse_min": rmse.min(), "rmse_q25": rmse.quantile(0.25), "rmse_q75": rmse.quantile(0.75),
+            "rmse_max": rmse.max(),
+        })
+    return pd.DataFrame(rows)
+
+
+def paired_tests(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per N and pair of variants: paired t-test of transductive RMSE over the shared repeats."""
+    from scipy import stats
+
+    if runs.empty:
+        return pd.DataFrame()
+    rows = []
+    for n, g in runs.groupby("n", sort=True):
+        wide = g.pivot_table(index="repeat", columns="variant", values="rmse")
+        variants = list(wide.columns)
+        for i, a in enumerate(variants):
+            for b in variants[i + 1 :]:
+                pair = wide[[a, b]].dropna()
+                diff = pair[a] - pair[b]
+                if len(pair) >= 2 and diff.std(ddof=1) > 0:
+                    t, p = stats.ttest_rel(pair[a], pair[b])
+                else:
+                    t, p = np.nan, np.nan
+                rows.append({"n": n, "a": a, "b": b, "repeats": len(pair), "rmse_a": pair[a].mean(),
+                             "rmse_b": pair[b].mean(), "mean_diff": diff.mean(),
+                             "rel_diff_pct": 100 * diff.mean() / pair[b].mean() if len(pair) else np.nan,
+                             "t": float(t), "p": float(p)})
+    return pd.DataFrame(rows)
+
+
+def alpha_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 3: median-run RMSE per alpha (rows) and N (columns), MS and MSDA."""
+    if runs.empty:
+        return pd.DataFrame()
+    sub = runs[runs["method"].isin(ALPHA_METHODS)]
+    if sub.empty:
+        return pd.DataFrame()
+    med = median_runs(sub)
+    wide = med.pivot_table(index=["method", "alpha"], columns="n", values="rmse")
+    wide.columns = [f"N={c}" for c in wide.columns]
+    return wide.reset_index()
