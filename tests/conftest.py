@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import sys
+from unittest import mock
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -88,3 +91,12 @@ def full_ensemble() -> DenseSME:
     e = DenseSME(seed=2)
     randomise_batchnorm(e, seed=3)
     return e.eval()
+
+
+def run_cli(args, capsys):
+    """The installed entry point (errors as one line, exit 2), in this process."""
+    from msda.cli import run
+
+    with mock.patch.object(sys, "argv", ["msda", *args]), pytest.raises(SystemExit) as stop:
+        run()
+    return stop.value.code, capsys.readouterr().err

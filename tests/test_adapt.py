@@ -1,16 +1,16 @@
 """msda pretrain / msda adapt end to end on a small generated benchmark, and their bad input."""
 
 import json
-import sys
-from unittest import mock
 
 import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from conftest import run_cli
+
 from msda.adapt import adapt
-from msda.cli import app, run
+from msda.cli import app
 from msda.model import DenseSME, MemberSpec
 from msda.simulate import SimConfig, simulate
 from msda.tables import write_samples
@@ -20,11 +20,6 @@ from msda.weights import load_ensemble, save_ensemble
 runner = CliRunner()
 
 
-def _run_cli(args, capsys):
-    """The installed entry point (errors as one line, exit 2), in this process."""
-    with mock.patch.object(sys, "argv", ["msda", *args]), pytest.raises(SystemExit) as stop:
-        run()
-    return stop.value.code, capsys.readouterr().err
 SPECS = [MemberSpec(1, 8), MemberSpec(2, 16)]
 
 
@@ -101,7 +96,7 @@ def test_bad_input_one_error_no_output(files, tmp_path, capsys, extra, message):
             str(files / "coarse.parquet"), "--epochs", "1", "-o", str(tmp_path / "o")]
     if "--network" not in extra:
         args += ["--network", "SCAN"]
-    code, err = _run_cli(args + extra, capsys)
+    code, err = run_cli(args + extra, capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err

@@ -228,11 +228,14 @@ def _check_resume(out: Path, record: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
+    new = json.loads(json.dumps(record, default=str))  # tuples as lists, as in the file
     for section in ("fit", "inputs"):
-        if old.get(section) != record[section]:
+        before, now = old.get(section) or {}, new[section]
+        changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if changed:
             raise ExperimentError(
-                f"{path}: this run directory was made with other {section} settings "
-                f"({old.get(section)} vs {record[section]}); use a new --out or the same settings"
+                f"{path}: this run directory was made with other {section} settings ({'; '.join(changed)}); "
+                "use a new --out or the same settings"
             )
 
 
@@ -293,8 +296,9 @@ def run_experiment(
 
 def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress, tqdm) -> None:
     bar = tqdm(total=len(todo), desc="experiment", unit=" fits", disable=not progress)
-    # the costly fits first, so that the cluster does not end waiting on one large N
-    todo = sorted(todo, key=lambda t: -t.n)
+    # repeat by repeat, so that a run stopped early has every N for its first repeats; within a
+    # repeat the costly fits first, so that the cluster does not end waiting on one large N
+    todo = sorted(todo, key=lambda t: (t.repeat, -t.n))
     try:
         if scheduler == "inline":
             for t in todo:
