@@ -1,5 +1,5 @@
 # make test: set up .venv (torch CPU wheel first), install msda with test extras, run pytest.
-# make demo: same set-up, then run the demo on the embedded default data.
+# make demo: same set-up, then simulate + pretrain (quick) + experiment --quick + report, in demo_out/.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,7 +22,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/msda demo --out demo_out
+	$(BIN)/msda simulate --out demo_out/benchmark --plots
+	$(BIN)/msda pretrain --samples demo_out/benchmark/pretrain.parquet --out demo_out/weights_9km --widths 16 --epochs 5
+	$(BIN)/msda experiment --fine demo_out/benchmark/fine.parquet --coarse demo_out/benchmark/coarse.parquet \
+		--weights demo_out/weights_9km --out demo_out/experiment --quick
+	$(BIN)/msda report demo_out/experiment
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/predict.py

@@ -165,3 +165,13 @@ def test_bad_input_one_error(files, tmp_path, capsys, extra, message):
     code, err = run_cli(["experiment", "--fine", str(tmp_path / "missing.parquet"), "--coarse", "x", "-w", "y",
                          "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "missing.parquet" in err
+
+
+def test_report_command_rewrites_the_report(done, capsys):
+    out, _, _ = done
+    (out / "report.html").unlink()
+    code, err = run_cli(["report", str(out)], capsys)
+    assert code in (0, None), err
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 6
+    code, err = run_cli(["report", str(out / "tasks")], capsys)
+    assert code == 2 and "not a run directory" in err

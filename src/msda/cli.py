@@ -403,13 +403,13 @@ def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),
     scale: float = typer.Option(1.0, help="Benchmark size as a fraction of Table 2."),
     seed: int = typer.Option(0, help="Seed."),
-    pretrain_epochs: int = typer.Option(3, min=1, help="Epochs of the quick 9 km pretraining."),
-    adapt_epochs: int = typer.Option(20, min=1, help="Epochs of the MSDA adaptation."),
+    pretrain_epochs: int = typer.Option(5, min=1, help="Epochs of the quick 9 km pretraining."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address; 'inline': no Dask."),
 ) -> None:
-    """Run the main job on the embedded default data: benchmark, pretraining, MSDA on SCAN, prediction."""
+    """Run the main job on the embedded default data: benchmark, pretraining, quick experiment, report."""
     from msda.demo import run_demo
 
-    run_demo(out, scale=scale, seed=seed, echo=typer.echo, pretrain_epochs=pretrain_epochs, adapt_epochs=adapt_epochs)
+    run_demo(out, scale=scale, seed=seed, echo=typer.echo, pretrain_epochs=pretrain_epochs, scheduler=scheduler)
 
 
 def run() -> None:

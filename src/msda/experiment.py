@@ -311,7 +311,7 @@ def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress
         if scheduler is None:
             cores = os.cpu_count() or 1
             n = workers or 1
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
             client, threads = Client(cluster), max(1, cores // n)
         else:
             try:
