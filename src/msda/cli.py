@@ -21,6 +21,8 @@ weights_app = typer.Typer(help="Inspect and convert DenseSM-E weights.", no_args
 schema_app = typer.Typer(help="Show or write feature schemas.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 app.add_typer(schema_app, name="schema")
+prepare_app = typer.Typer(help="Prepare samples from real sources (ISMN, ...).", no_args_is_help=True)
+app.add_typer(prepare_app, name="prepare")
 
 _state = {"debug": False}
 
@@ -396,6 +398,27 @@ def report(
     tables = analyse(run_dir, fine, coarse, protocol, protocol.tasks())
     target = write_report(run_dir, tables, record)
     typer.echo(f"wrote {target}")
+
+
+@prepare_app.command("ismn")
+def prepare_ismn(
+    input: Path = typer.Option(..., "--input", "-i", help="ISMN download: zip or folder (either ISMN format)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: stations.parquet, daily.parquet."),
+    networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated networks (default all)."),
+    flags: str = typer.Option("G", "--flags", help="Quality flags to keep: letters (G,U,D,C,M) or codes (D03)."),
+    max_depth: float = typer.Option(0.05, "--max-depth", help="Deepest sensor bottom counted as surface (m)."),
+    tolerance: float = typer.Option(0.0051, "--tolerance", help="Added to --max-depth (m); 2-inch probes count."),
+    meta_cache: Optional[Path] = typer.Option(None, "--meta-cache", help="Keep the ismn package's metadata here."),
+) -> None:
+    """ISMN stations -> a station table (with EASE-2 9 km and 50 m cells) and daily surface soil moisture."""
+    from msda.prepare.ismn import read_ismn, write_ismn
+
+    nets = [n for n in networks.split(",") if n.strip()] if networks else None
+    tables = read_ismn(input, nets, flags.split(","), max_depth, tolerance, meta_cache)
+    write_ismn(tables, out)
+    st = tables.stations
+    typer.echo(f"wrote {out}: {len(st)} stations ({', '.join(f'{k} {v}' for k, v in st['network'].value_counts().sort_index().items())}), "
+               f"{len(tables.daily)} station-days, {tables.daily['date'].min():%Y-%m-%d} to {tables.daily['date'].max():%Y-%m-%d}")
 
 
 @app.command()
