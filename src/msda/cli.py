@@ -421,6 +421,33 @@ def prepare_ismn(
                f"{len(tables.daily)} station-days, {tables.daily['date'].min():%Y-%m-%d} to {tables.daily['date'].max():%Y-%m-%d}")
 
 
+@prepare_app.command("smap")
+def prepare_smap(
+    input: Path = typer.Option(..., "--input", "-i", help="Folder of SPL3SMP_E .h5 files (one per day), or one file."),
+    stations: Path = typer.Option(..., "--stations", help="Station table with 9 km 'r', 'c' (prepare ismn's stations.parquet or a CSV)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output Parquet: network, station, r, c, date, AM, PM, daily SMAP."),
+    all_quality: bool = typer.Option(False, "--all-quality", help="Keep retrievals not of recommended quality."),
+) -> None:
+    """SMAP L3 enhanced 9 km at the stations' cells: AM, PM corrected to AM, daily mean."""
+    import pandas as pd
+
+    from msda.io import atomic_path
+    from msda.prepare.smap import extract_smap
+
+    if not stations.exists():
+        raise MsdaError(f"{stations}: no such station table")
+    st = pd.read_csv(stations) if stations.suffix.lower() == ".csv" else pd.read_parquet(stations)
+    missing = [c for c in ("r", "c") if c not in st]
+    if missing:
+        raise MsdaError(f"{stations}: no column {missing[0]!r} (9 km EASE-2 row/column)")
+    table = extract_smap(input, st, recommended_only=not all_quality)
+    ids = [c for c in ("network", "station", "r", "c") if c in st]
+    table = st[ids].merge(table, on=["r", "c"])
+    with atomic_path(out) as tmp:
+        table.to_parquet(tmp, index=False)
+    typer.echo(f"wrote {out}: {len(table)} station-days of SMAP for {table[['r', 'c']].drop_duplicates().shape[0]} 9 km cells")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),
