@@ -448,6 +448,33 @@ def prepare_smap(
     typer.echo(f"wrote {out}: {len(table)} station-days of SMAP for {table[['r', 'c']].drop_duplicates().shape[0]} 9 km cells")
 
 
+@prepare_app.command("samples")
+def prepare_samples(
+    sar: Path = typer.Option(..., "--sar", help="Sentinel-1 per site: network, station, date, vv, vh, angle."),
+    daily: Path = typer.Option(..., "--daily", help="Daily series per site: network, station, date, ndvi, t2m, tp."),
+    static: Path = typer.Option(..., "--static", help="Static inputs per site (sand, clay, bulk_density, ...)."),
+    stations: Path = typer.Option(..., "--stations", help="Station table with 9 km r, c (prepare ismn)."),
+    truth: Path = typer.Option(..., "--truth", help="Daily truth: network, station, date, sm_m3m3."),
+    out: Path = typer.Option(..., "--out", "-o", help="Sample table (.parquet ours, .csv the authors')."),
+    kind: str = typer.Option("fine", help="fine (in-situ truth, 50 m) or coarse (SMAP truth, 9 km)."),
+    min_dates: int = typer.Option(6, "--min-dates", min=1, help="Keep stations with at least this many coincident dates."),
+    schema: Optional[Path] = SchemaOpt,
+) -> None:
+    """Per-site time series (e.g. Earth Engine exports) -> a validated sample table for adapt/experiment."""
+    from msda.prepare.samples import build_samples, read_table
+    from msda.tables import write_samples
+
+    if kind not in ("fine", "coarse"):
+        raise MsdaError(f"--kind must be fine or coarse, got {kind!r}")
+    tables = [read_table(p, what) for p, what in ((sar, "sar"), (daily, "daily"), (static, "static"),
+                                                   (stations, "stations"), (truth, "truth"))]
+    samples = build_samples(*tables, kind=kind, schema=_schema(schema), min_dates=min_dates)
+    write_samples(samples, out)
+    f = samples.frame
+    typer.echo(f"wrote {out}: {len(f)} {kind} samples at {f['station'].nunique()} stations "
+               f"({f['date'].min():%Y-%m-%d} to {f['date'].max():%Y-%m-%d})")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),
