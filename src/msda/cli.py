@@ -475,6 +475,37 @@ def prepare_samples(
                f"({f['date'].min():%Y-%m-%d} to {f['date'].max():%Y-%m-%d})")
 
 
+@prepare_app.command("static")
+def prepare_static(
+    stations: Path = typer.Option(..., "--stations", help="Station table with network, station, lon, lat."),
+    raster: list[str] = typer.Option(..., "--raster", help="NAME=FILE[:angle][:bandN], repeatable, e.g. aspect_deg=aspect.tif:angle."),
+    out: Path = typer.Option(..., "--out", "-o", help="Static table (.parquet or .csv) for prepare samples."),
+    grid: str = typer.Option("50m", "--grid", help="EASE-2 grid of the cells: 50m, 1km, 3km, 9km, 36km."),
+) -> None:
+    """Area-weighted aggregation of rasters (SoilGrids, SRTM, ...) on the stations' EASE-2 cells."""
+    from msda.io import atomic_path
+    from msda.prepare.rasters import aggregate_at_stations
+    from msda.prepare.samples import read_table
+
+    st = read_table(stations, "stations")
+    table = st[[c for c in ("network", "station") if c in st]].copy()
+    for spec in raster:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise MsdaError(f"--raster {spec!r}: expected NAME=FILE[:angle][:bandN]")
+        parts = rest.split(":")
+        path, opts = parts[0], parts[1:]
+        band = next((int(o[4:]) for o in opts if o.startswith("band") and o[4:].isdigit()), 1)
+        unknown = [o for o in opts if o != "angle" and not (o.startswith("band") and o[4:].isdigit())]
+        if unknown:
+            raise MsdaError(f"--raster {spec!r}: unknown option {unknown[0]!r} (angle, bandN)")
+        values = aggregate_at_stations(path, st, grid, band=band, angle="angle" in opts)
+        table[name] = values.to_numpy()
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(tmp, index=False)
+    typer.echo(f"wrote {out}: {len(table)} stations x {len(raster)} inputs on the {grid} grid")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),

@@ -1,0 +1,120 @@
+"""Area-weighted aggregation (AWA) of rasters onto EASE-2 cells (METHOD.md section 2).
+
+A target cell takes the mean of the source pixels it overlaps, weighted by the overlap area;
+nodata pixels are left out. The overlap arithmetic is GDAL's (``rasterio.warp.reproject`` with
+``Resampling.average``, which weights each source pixel by its fractional overlap of the target
+cell). Angles (aspect) are aggregated through their sine and cosine and returned in degrees.
+Any raster GDAL reads works: GeoTIFF, Cloud-Optimized GeoTIFF, NetCDF (``NETCDF:file:var``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from msda.grids import CRS, EASE2_UL_X, EASE2_UL_Y, GRIDS, Ease2Grid
+from msda.prepare.ismn import PrepareError
+
+
+def _grid(grid: str | Ease2Grid) -> Ease2Grid:
+    if isinstance(grid, Ease2Grid):
+        return grid
+    if grid not in GRIDS:
+        raise PrepareError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
+    return GRIDS[grid]
+
+
+def _open(path: str | Path):
+    import rasterio
+
+    try:
+        src = rasterio.open(str(path))
+    except rasterio.errors.RasterioIOError as exc:
+        raise PrepareError(f"{path}: cannot open the raster ({exc})") from None
+    if src.crs is None:
+        src.close()
+        raise PrepareError(f"{path}: the raster has no CRS; set one (e.g. gdal_edit.py -a_srs EPSG:4326)")
+    return src
+
+
+def aggregate_window(
+    path: str | Path,
+    grid: str | Ease2Grid,
+    row0: int,
+    col0: int,
+    n_rows: int,
+    n_cols: int,
+    band: int = 1,
+    angle: bool = False,
+) -> np.ndarray:
+    """AWA of one band onto the EASE-2 cells rows row0.., cols col0.. (NaN: no valid pixel)."""
+    from affine import Affine
+    from rasterio.warp import Resampling, reproject, transform_bounds
+    from rasterio.windows import Window, from_bounds
+
+    g = _grid(grid)
+    dst_transform = Affine(g.cell_m, 0, EASE2_UL_X + col0 * g.cell_m, 0, -g.cell_m, EASE2_UL_Y - row0 * g.cell_m)
+    left, top = EASE2_UL_X + col0 * g.cell_m, EASE2_UL_Y - row0 * g.cell_m
+    right, bottom = left + n_cols * g.cell_m, top - n_rows * g.cell_m
+    with _open(path) as src:
+        if not 1 <= band <= src.count:
+            raise PrepareError(f"{path}: no band {band} (the raster has {src.count})")
+        # read only the source pixels under the target cells (plus a margin of 2 pixels)
+        b = transform_bounds(CRS, src.crs, left, bottom, right, top, densify_pts=21)
+        win = from_bounds(*b, transform=src.transform)
+        r0, c0 = max(int(np.floor(win.row_off)) - 2, 0), max(int(np.floor(win.col_off)) - 2, 0)
+        r1 = min(int(np.ceil(win.row_off + win.height)) + 2, src.height)
+        c1 = min(int(np.ceil(win.col_off + win.width)) + 2, src.width)
+        if r1 <= r0 or c1 <= c0:
+            return np.full((n_rows, n_cols), np.nan)
+        window = Window(c0, r0, c1 - c0, r1 - r0)
+        src_arr = src.read(band, window=window, masked=True).astype(np.float64).filled(np.nan)
+        src_transform = src.window_transform(window)
+        src_crs = src.crs
+
+    def warp(arr: np.ndarray) -> np.ndarray:
+        dst = np.full((n_rows, n_cols), np.nan)
+        reproject(arr, dst, src_transform=src_transform, src_crs=src_crs, src_nodata=np.nan,
+                  dst_transform=dst_transform, dst_crs=CRS, dst_nodata=np.nan, resampling=Resampling.average)
+        return dst
+
+    if not angle:
+        return warp(src_arr)
+    rad = np.deg2rad(src_arr)
+    s, c = warp(np.sin(rad)), warp(np.cos(rad))
+    return np.rad2deg(np.arctan2(s, c)) % 360.0
+
+
+def aggregate_at_stations(
+    path: str | Path,
+    stations: pd.DataFrame,
+    grid: str | Ease2Grid = "50m",
+    band: int = 1,
+    angle: bool = False,
+) -> pd.Series:
+    """AWA of one band on each station's cell of ``grid`` (``stations`` has station, lon, lat).
+
+    A station whose cell lies outside the raster, or over nodata only, is an error naming it.
+    """
+    from rasterio.warp import transform_bounds
+
+    g = _grid(grid)
+    for col in ("station", "lon", "lat"):
+        if col not in stations:
+            raise PrepareError(f"the station table needs 'station', 'lon', 'lat'; missing {col!r}")
+    rows, cols = g.lonlat_to_rowcol(stations["lon"].to_numpy(), stations["lat"].to_numpy())
+    with _open(path) as src:
+        left, bottom, right, top = transform_bounds(src.crs, CRS, *src.bounds)
+    out = np.full(len(stations), np.nan)
+    for i, (r, c) in enumerate(zip(rows, cols)):
+        l, b, rr, t = g.bounds(r, c)
+        name = stations["station"].iloc[i]
+        if l < left or rr > right or b < bottom or t > top:
+            raise PrepareError(f"station {name!r} (lon {stations['lon'].iloc[i]}, lat {stations['lat'].iloc[i]}): "
+                               f"its {g.name} cell lies outside {path}")
+        out[i] = aggregate_window(path, g, int(r), int(c), 1, 1, band, angle)[0, 0]
+        if np.isnan(out[i]):
+            raise PrepareError(f"station {name!r}: only nodata in {path} over its {g.name} cell")
+    return pd.Series(out, index=stations["station"].astype(str).to_numpy(), name=Path(str(path)).stem)
