@@ -96,3 +96,24 @@ def test_static_cli(tmp_path, capsys):
     code, err = run_cli(["prepare", "static", "--stations", str(tmp_path / "st.csv"), "--raster", f"sand={geo}:band3",
                          "-o", str(tmp_path / "x.csv")], capsys)
     assert code == 2 and "no band 3" in err and not (tmp_path / "x.csv").exists()
+
+
+def test_series_from_dated_rasters(tmp_path):
+    from msda.prepare.rasters import series_from_rasters
+
+    files = []
+    for i, day in enumerate(["2017-03-01", "2017-03-13"]):
+        data = np.full((1000, 1000), -12.0 - i)
+        if i == 1:
+            data[300:400, 400:500] = -9999.0  # s2 under nodata on the second date
+        files.append(_tif(tmp_path / f"S1_VV_{day.replace('-', '')}.tif", data,
+                          Affine(0.001, 0, -98.0, 0, -0.001, 37.0), crs="EPSG:4326"))
+    st = pd.DataFrame({"network": "N", "station": ["s1", "s2"], "lon": [-97.8, -97.55], "lat": [36.8, 36.65]})
+    t = series_from_rasters(files, st, "vv", progress=False)
+    assert list(zip(t["station"], t["date"].dt.strftime("%m-%d"), t["vv"])) == [
+        ("s1", "03-01", -12.0), ("s2", "03-01", -12.0), ("s1", "03-13", -13.0)]
+    with pytest.raises(PrepareError, match="station 's2': only nodata"):
+        series_from_rasters(files, st, "vv", skip_nodata=False, progress=False)
+    bad = _tif(tmp_path / "S1_VV.tif", np.ones((10, 10)), Affine(0.001, 0, -98.0, 0, -0.001, 37.0), crs="EPSG:4326")
+    with pytest.raises(PrepareError, match="no date"):
+        series_from_rasters([bad], st, "vv", progress=False)

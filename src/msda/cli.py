@@ -506,6 +506,37 @@ def prepare_static(
     typer.echo(f"wrote {out}: {len(table)} stations x {len(raster)} inputs on the {grid} grid")
 
 
+@prepare_app.command("series")
+def prepare_series(
+    stations: Path = typer.Option(..., "--stations", help="Station table with network, station, lon, lat."),
+    raster: list[str] = typer.Option(..., "--raster", help="NAME=GLOB of dated rasters, repeatable, e.g. vv='s1/*VV*.tif'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Table network, station, date, NAME... (.parquet or .csv)."),
+    grid: str = typer.Option("50m", "--grid", help="EASE-2 grid of the cells: 50m, 1km, 3km, 9km, 36km."),
+) -> None:
+    """Dated rasters (date in the file name) -> per-station time series, e.g. the sar or daily table."""
+    import glob
+
+    from msda.io import atomic_path
+    from msda.prepare.rasters import series_from_rasters
+    from msda.prepare.samples import read_table
+
+    st = read_table(stations, "stations")
+    table = None
+    for spec in raster:
+        name, sep, pattern = spec.partition("=")
+        if not sep or not name or not pattern:
+            raise MsdaError(f"--raster {spec!r}: expected NAME=GLOB")
+        files = sorted(glob.glob(pattern))
+        if not files:
+            raise MsdaError(f"--raster {spec!r}: no file matches {pattern!r}")
+        part = series_from_rasters(files, st, name, grid)
+        table = part if table is None else table.merge(part, on=["network", "station", "date"], how="outer")
+    table = table.sort_values(["network", "station", "date"]).reset_index(drop=True)
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(tmp, index=False)
+    typer.echo(f"wrote {out}: {len(table)} station-dates of {', '.join(c for c in table.columns[3:])}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),

@@ -118,3 +118,55 @@ def aggregate_at_stations(
         if np.isnan(out[i]):
             raise PrepareError(f"station {name!r}: only nodata in {path} over its {g.name} cell")
     return pd.Series(out, index=stations["station"].astype(str).to_numpy(), name=Path(str(path)).stem)
+
+
+DATE_PATTERNS = (r"(\d{4})-(\d{2})-(\d{2})", r"(\d{4})(\d{2})(\d{2})", r"(\d{4})_(\d{2})_(\d{2})")
+
+
+def date_of_file(path: str | Path) -> pd.Timestamp:
+    """The date in a file name: YYYY-MM-DD, YYYYMMDD or YYYY_MM_DD."""
+    import re
+
+    name = Path(str(path)).name
+    for pattern in DATE_PATTERNS:
+        m = re.search(pattern, name)
+        if m:
+            try:
+                return pd.Timestamp(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+            except ValueError:
+                continue
+    raise PrepareError(f"{path}: no date (YYYY-MM-DD, YYYYMMDD or YYYY_MM_DD) in the file name")
+
+
+def series_from_rasters(
+    files: list[str | Path],
+    stations: pd.DataFrame,
+    name: str,
+    grid: str | Ease2Grid = "50m",
+    band: int = 1,
+    skip_nodata: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Dated rasters (one date per file, the date in its name) -> a long table
+    network, station, date, ``name`` of AWA values on the stations' cells.
+
+    Stations over nodata on a date (clouds, no acquisition) get no row for that date when
+    ``skip_nodata``; a station outside a raster is always an error.
+    """
+    from tqdm.auto import tqdm
+
+    if not files:
+        raise PrepareError(f"no raster files for {name!r}")
+    g = _grid(grid)
+    rows, cols = g.lonlat_to_rowcol(stations["lon"].to_numpy(), stations["lat"].to_numpy())
+    parts = []
+    for path in tqdm(sorted(map(str, files)), desc=name, unit=" rasters", disable=not progress):
+        day = date_of_file(path)
+        values = np.array([aggregate_window(path, g, int(r), int(c), 1, 1, band)[0, 0] for r, c in zip(rows, cols)])
+        if not skip_nodata and np.isnan(values).any():
+            bad = stations["station"].iloc[int(np.flatnonzero(np.isnan(values))[0])]
+            raise PrepareError(f"station {bad!r}: only nodata in {path} over its {g.name} cell")
+        part = stations[[c for c in ("network", "station") if c in stations]].copy()
+        part["date"], part[name] = day, values
+        parts.append(part[np.isfinite(values)])
+    return pd.concat(parts, ignore_index=True)
