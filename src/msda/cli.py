@@ -537,6 +537,32 @@ def prepare_series(
     typer.echo(f"wrote {out}: {len(table)} station-dates of {', '.join(c for c in table.columns[3:])}")
 
 
+@prepare_app.command("gee")
+def prepare_gee(
+    stations: Path = typer.Option(..., "--stations", help="Station table with network, station, lon, lat."),
+    start: str = typer.Option(..., "--start", help="First Sentinel-1 date, YYYY-MM-DD."),
+    end: str = typer.Option(..., "--end", help="Last Sentinel-1 date, YYYY-MM-DD."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder: sar.parquet, daily.parquet, static.parquet."),
+    project: Optional[str] = typer.Option(None, "--project", help="Earth Engine cloud project."),
+    grid: str = typer.Option("50m", "--grid", help="EASE-2 cells to reduce over: 50m or 9km."),
+) -> None:
+    """Earth Engine per-site inputs (needs msda[gee] and an account) for msda prepare samples."""
+    from msda.io import atomic_path
+    from msda.prepare import earthengine as gee
+    from msda.prepare.samples import read_table
+
+    st = read_table(stations, "stations")
+    gee.initialise(project)
+    first, last = gee.default_period(start, end)
+    tables = {"sar": gee.sentinel1(st, start, last, grid), "daily": gee.daily_series(st, first, last, grid),
+              "static": gee.static_inputs(st, grid)}
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for name, table in tables.items():
+            table.to_parquet(tmp / f"{name}.parquet", index=False)
+    typer.echo(f"wrote {out}: " + ", ".join(f"{k} {len(v)} rows" for k, v in tables.items()))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),
