@@ -117,3 +117,14 @@ def test_series_from_dated_rasters(tmp_path):
     bad = _tif(tmp_path / "S1_VV.tif", np.ones((10, 10)), Affine(0.001, 0, -98.0, 0, -0.001, 37.0), crs="EPSG:4326")
     with pytest.raises(PrepareError, match="no date"):
         series_from_rasters([bad], st, "vv", progress=False)
+
+
+def test_netcdf_and_cog_read_alike(tmp_path):
+    data = np.random.default_rng(1).uniform(0, 50, (25, 25))
+    tif = _aligned(tmp_path, data)
+    from rasterio.shutil import copy as gdal_copy  # GDAL's CreateCopy: these formats are not written in place
+
+    for driver, name in (("netCDF", "r.nc"), ("COG", "r_cog.tif")):
+        gdal_copy(tif, tmp_path / name, driver=driver)
+        got = aggregate_window(tmp_path / name, "50m", R0, C0, 1, 1)[0, 0]
+        assert got == pytest.approx(data[10:15, 10:15].mean(), rel=1e-5), driver

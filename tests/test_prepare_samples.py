@@ -83,3 +83,25 @@ def test_cli(tmp_path, capsys):
     assert len(read_samples(tmp_path / "fine.parquet")) == 8
     code, err = run_cli(args[:-1] + [str(tmp_path / "x.parquet"), "--min-dates", "20"], capsys)
     assert code == 2 and "no station has 20 or more" in err and not (tmp_path / "x.parquet").exists()
+
+
+def test_prepared_tables_go_into_adapt(tmp_path, capsys):
+    """fine (in situ) and coarse (SMAP) tables from prepare samples, taken by msda adapt as they are."""
+    from conftest import run_cli
+
+    from msda.model import DenseSME, MemberSpec
+    from msda.weights import save_ensemble
+
+    sar, daily, static, stations, truth = _inputs(n_b=8)
+    extra = [t[t["station"] == "A"].assign(station="C") for t in (sar, daily, static, stations, truth)]
+    sar, daily, static, stations, truth = (pd.concat([a, b]) for a, b in zip((sar, daily, static, stations, truth), extra))
+    smap = truth.assign(sm_m3m3=truth["sm_m3m3"] + 0.02)
+    write_samples(build_samples(sar, daily, static, stations, truth, kind="fine"), tmp_path / "fine.parquet")
+    write_samples(build_samples(sar, daily, static, stations, smap, kind="coarse"), tmp_path / "coarse.parquet")
+    save_ensemble(DenseSME([MemberSpec(1, 8)], seed=0), tmp_path / "w")
+    code, err = run_cli(["adapt", "-w", str(tmp_path / "w"), "--fine", str(tmp_path / "fine.parquet"), "--coarse",
+                         str(tmp_path / "coarse.parquet"), "--network", "N", "--stations", "1", "--epochs", "2",
+                         "--batch", "4", "--average-last", "1", "-o", str(tmp_path / "run")], capsys)
+    assert code in (0, None), err
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics["n"].iloc[0] == 16  # the two target stations' 8 samples each
