@@ -390,10 +390,13 @@ def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks
 
                 draws[(n, rep)] = adapt_problem(fine, coarse, protocol.network, n, protocol.station_seed(n, rep)).train_stations
 
+    # pretrained is paired with the fits: scored on the draws that have one (all when none has)
+    fitted = sorted({(m["n"], m["repeat"]) for m in metas.values() if m["method"] != "pretrained"})
+    pretrained_draws = fitted or sorted(draws)
     runs, stations, nets, regions = [], [], [], []
     for key, task in done.items():
         meta, pred = metas[key], preds[key]
-        pairs = sorted(draws) if task.method == "pretrained" else [(task.n, task.repeat)]
+        pairs = pretrained_draws if task.method == "pretrained" else [(task.n, task.repeat)]
         for n, rep in pairs:
             train = set(draws[(n, rep)])
             is_train_st = st["station"].isin(train).to_numpy()
