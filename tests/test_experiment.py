@@ -175,3 +175,16 @@ def test_report_command_rewrites_the_report(done, capsys):
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 6
     code, err = run_cli(["report", str(out / "tasks")], capsys)
     assert code == 2 and "not a run directory" in err
+
+
+def test_existing_cluster_by_address(files, tmp_path):
+    from dask.distributed import LocalCluster
+
+    inputs = Inputs(str(files / "fine.parquet"), str(files / "coarse.parquet"), str(files / "w"))
+    p = Protocol(ns=(2,), repeats=1, methods=("msda",), epochs=1, average_last=1, batch=64)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        t = run_experiment(inputs, tmp_path / "a", p, scheduler=cluster.scheduler_address, device="cpu",
+                           progress=False, report=False)
+    assert len(t["runs"]) == 1 and t["runs"]["n"].iloc[0] == 2
+    with pytest.raises(ExperimentError, match="cannot reach the Dask scheduler"):
+        run_experiment(inputs, tmp_path / "b", p, scheduler="tcp://127.0.0.1:9", progress=False, report=False)
