@@ -186,5 +186,8 @@ def test_existing_cluster_by_address(files, tmp_path):
         t = run_experiment(inputs, tmp_path / "a", p, scheduler=cluster.scheduler_address, device="cpu",
                            progress=False, report=False)
     assert len(t["runs"]) == 1 and t["runs"]["n"].iloc[0] == 2
-    with pytest.raises(ExperimentError, match="cannot reach the Dask scheduler"):
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+            pytest.raises(ExperimentError, match="cannot reach the Dask scheduler"):
         run_experiment(inputs, tmp_path / "b", p, scheduler="tcp://127.0.0.1:9", progress=False, report=False)

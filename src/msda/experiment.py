@@ -315,7 +315,9 @@ def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress
             client, threads = Client(cluster), max(1, cores // n)
         else:
             try:
-                client = Client(scheduler, timeout="20s")
+                import dask
+
+                client = Client(scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))
             except OSError as exc:
                 raise ExperimentError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from None
             threads = 0
