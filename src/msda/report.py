@@ -22,7 +22,7 @@ PAPER_MSDA_RMSE = {0: 0.098, 1: 0.089, 5: 0.082, 9: 0.079, 13: 0.078, 17: 0.077,
 METRIC_LABELS = (("rmse", "RMSE (m$^3$/m$^3$)"), ("r", "R"), ("bias", "bias (m$^3$/m$^3$)"), ("ubrmse", "ubRMSE (m$^3$/m$^3$)"))
 FIGURES = (
     ("metrics_vs_n", "Metrics against N (Fig. 6)",
-     "Median run (line) and the range over repeats (band) of each method on the target stations."),
+     "Median run (line) and the interquartile range over repeats (band) of each method on the target stations."),
     ("scatter", "Measured against predicted per N (Fig. 4)", "Median run of the main method, target stations."),
     ("regions", "Regional strips (Fig. 5)",
      "RMSE per longitudinal and latitudinal strip (about equal station counts) at the largest N, every station not trained on."),
@@ -70,15 +70,22 @@ def fig_metrics_vs_n(runs: pd.DataFrame, median: pd.DataFrame, path: Path) -> No
     col = _colours(variants)
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     for ax, (metric, label) in zip(axes, METRIC_LABELS):
+        shown = []
         for v in variants:
             med = median[median["variant"] == v].sort_values("n")
-            spread = runs[runs["variant"] == v].groupby("n")[metric].agg(["min", "max"]).loc[med["n"]]
+            q = runs[runs["variant"] == v].groupby("n")[metric].quantile([0.25, 0.75]).unstack().loc[med["n"]]
             ax.plot(med["n"], med[metric], "o-", color=col[v], label=v, ms=4)
-            ax.fill_between(med["n"], spread["min"], spread["max"], color=col[v], alpha=0.15, lw=0)
+            ax.fill_between(med["n"], q[0.25], q[0.75], color=col[v], alpha=0.15, lw=0)
+            shown += [med[metric].to_numpy(), q[0.25].to_numpy(), q[0.75].to_numpy()]
         if metric == "rmse":
             paper = {n: r for n, r in PAPER_MSDA_RMSE.items() if n in set(median["n"])}
             if paper:
                 ax.plot(list(paper), list(paper.values()), "k:", marker="x", label="paper MSDA (real data)")
+                shown.append(np.array(list(paper.values())))
+        vals = np.concatenate(shown)
+        lo, hi = np.nanmin(vals), np.nanmax(vals)
+        pad = 0.08 * (hi - lo) if hi > lo else 0.01
+        ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel("training stations N")
         ax.set_title(label)
     axes[0].legend(fontsize=7)
@@ -88,9 +95,13 @@ def fig_metrics_vs_n(runs: pd.DataFrame, median: pd.DataFrame, path: Path) -> No
 def fig_scatter(out: Path, fine_truth: np.ndarray, trans_rows, median: pd.DataFrame, variant: str, path: Path) -> None:
     med = median[median["variant"] == variant].sort_values("n")
     k = len(med)
-    fig, axes = plt.subplots(1, k, figsize=(3.2 * k + 0.6, 3.4), squeeze=False, sharex=True, sharey=True)
+    ncol = min(k, 5)
+    nrow = -(-k // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol + 0.6, 3.2 * nrow), squeeze=False, sharex=True, sharey=True)
+    for ax in axes.ravel()[k:]:
+        ax.set_visible(False)
     hi = float(np.nanpercentile(fine_truth, 99.5)) * 1.15
-    for ax, (_, row) in zip(axes[0], med.iterrows()):
+    for ax, (_, row) in zip(axes.ravel(), med.iterrows()):
         pred = _task_pred(out, row["method"], int(row["n"]), int(row["median_repeat"]), row["alpha"])
         rows = trans_rows(int(row["n"]), int(row["median_repeat"]))
         t, p = fine_truth[rows], pred[rows]
@@ -99,7 +110,8 @@ def fig_scatter(out: Path, fine_truth: np.ndarray, trans_rows, median: pd.DataFr
         ax.plot([0, hi], [0, hi], "k--", lw=0.8)
         ax.set_title(f"N = {int(row['n'])}: RMSE {s['rmse']:.3f}, R {s['r']:.2f}", fontsize=9)
         ax.set_xlabel("in situ (m$^3$/m$^3$)")
-    axes[0][0].set_ylabel(f"{variant} (m$^3$/m$^3$)")
+    for r in range(nrow):
+        axes[r][0].set_ylabel(f"{variant} (m$^3$/m$^3$)")
     _save(fig, path)
 
 
