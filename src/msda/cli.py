@@ -563,6 +563,66 @@ def prepare_gee(
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} {len(v)} rows" for k, v in tables.items()))
 
 
+def _cells(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise MsdaError(f"--cells must look like 2x2 (rows x columns of 9 km cells), got {text!r}") from None
+    return rows, cols
+
+
+@app.command()
+def scene(
+    out: Path = typer.Option(..., "--out", "-o", help="Output .zarr store or .nc file."),
+    cells: str = typer.Option("2x2", help="Rows x columns of 9 km cells (180 x 180 pixels of 50 m each)."),
+    dates: int = typer.Option(3, min=1, help="Sentinel-1 dates, 12 days apart."),
+    start: str = typer.Option("2020-06-01", help="First date."),
+    lon: float = typer.Option(-97.5, help="Longitude inside the first (north-west) 9 km cell."),
+    lat: float = typer.Option(36.6, help="Latitude inside the first 9 km cell."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Generate a synthetic 50 m input scene (the schema's variables, true soil moisture) for msda map."""
+    from msda.simulate.scene import simulate_scene, write_scene
+
+    t0 = time.perf_counter()
+    ds = simulate_scene(cells=_cells(cells), dates=dates, lon=lon, lat=lat, start=start, seed=seed)
+    write_scene(ds, out)
+    typer.echo(f"wrote {out}: {ds.sizes['time']} dates x {ds.sizes['y']} x {ds.sizes['x']} pixels of 50 m "
+               f"in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command("map")
+def map_(
+    weights: Path = typer.Option(..., "--weights", "-w", help="Weights directory (ours or the authors' .pt files)."),
+    inputs: str = typer.Option(..., "--inputs", "-i", help="Zarr/NetCDF cube, folder of GeoTIFFs, or 'demo'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    chunks: int = typer.Option(256, min=16, help="Block side in pixels: one task per block and date."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a Dask scheduler (default: local threads)."),
+    workers: int = typer.Option(2, min=1, help="Local threads (reading and predicting overlap)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    training_table: Optional[Path] = typer.Option(None, "--training-table", help="Sample table whose feature ranges flag out-of-domain pixels (mask bit 4)."),
+    cog: bool = typer.Option(True, "--cog/--no-cog", help="Write Cloud-Optimized GeoTIFFs besides the Zarr store."),
+    preview: bool = typer.Option(True, "--preview/--no-preview", help="Draw a PNG per date."),
+    cells: str = typer.Option("2x2", help="With --inputs demo: rows x columns of 9 km cells."),
+    dates: int = typer.Option(3, min=1, help="With --inputs demo: Sentinel-1 dates."),
+    seed: int = typer.Option(0, help="With --inputs demo: seed of the scene."),
+) -> None:
+    """Map 50 m soil moisture: ensemble mean, member spread and a mask per date (Zarr, COG, PNG)."""
+    from msda.mapping import make_map
+
+    scene_opts = dict(cells=_cells(cells), dates=dates, seed=seed) if inputs == "demo" else None
+    s = make_map(weights, inputs, out, chunks=chunks, scheduler=scheduler, workers=workers, device=device,
+                 ranges_table=training_table, previews=preview, cog=cog, scene=scene_opts)
+    h, w = s["shape"][1:]
+    typer.echo(f"wrote {out}: {len(s['dates'])} dates x {h} x {w} pixels, {s['pixels_per_s']:,.0f} pixels/s")
+    for d in s["dates"]:
+        line = (f"  {d['date']}: mean {d['mean_sm']:.3f} m3/m3, spread {d['mean_std']:.3f}; "
+                f"{d['nodata']} nodata, {d['out_of_range']} out of range") if d["predicted"] else f"  {d['date']}: nothing predicted"
+        typer.echo(line)
+    for d in s.get("versus_truth", []):
+        typer.echo(f"  {d['date']} against the scene's truth: RMSE {d['rmse']:.3f}, R {d['r']:.2f}, bias {d['bias']:+.3f}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),

@@ -233,6 +233,48 @@ def _eight_day_series(daily: np.ndarray, col: np.ndarray, day: np.ndarray) -> np
     return (cs[starts + STEP_DAYS, c] - cs[starts, c]) / STEP_DAYS
 
 
+def water_and_greenness(
+    precip: np.ndarray,
+    t_air: np.ndarray,
+    cell_of: np.ndarray,
+    lat: np.ndarray,
+    days: pd.DatetimeIndex,
+    hyd: dict[str, np.ndarray],
+    ndvi_min: np.ndarray,
+    ndvi_max: np.ndarray,
+    precip_scale: np.ndarray | float = 1.0,
+    keep: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Daily 0-5 cm soil moisture and NDVI of 50 m cells, (kept days, cells) float32 each.
+
+    ``precip``/``t_air`` are (days, weather cells); ``cell_of`` maps each 50 m cell to its weather
+    cell. Bucket model with Hamon PET; plant-available water integrates over ~a month and
+    greenness follows it with ~2 weeks lag (warm enough: logistic in air temperature).
+    ``keep`` (bool per day) stores only those days.
+    """
+    doy = days.day_of_year.to_numpy()
+    keep = np.ones(len(days), bool) if keep is None else np.asarray(keep, bool)
+    n = len(cell_of)
+    theta = 0.5 * (hyd["field_capacity"] + hyd["wilting_point"])
+    sm = np.empty((int(keep.sum()), n), dtype=np.float32)
+    ndvi = np.empty_like(sm)
+    avail, green = np.zeros(n), np.zeros(n)
+    k = 0
+    for d in range(len(days)):
+        t = t_air[d, cell_of]
+        pet = physics.hamon_pet(t, physics.day_length_hours(lat, doy[d]))
+        theta = physics.bucket_step(theta, precip[d, cell_of] * precip_scale, pet, hyd)
+        rel = np.clip((theta - hyd["wilting_point"]) / (hyd["field_capacity"] - hyd["wilting_point"]), 0, 1)
+        avail += (rel - avail) / 30.0
+        f_t = 1.0 / (1.0 + np.exp(-(t - 10.0) / 3.0))
+        green += (f_t * np.sqrt(avail) - green) / 15.0
+        if keep[d]:
+            sm[k] = theta
+            ndvi[k] = ndvi_min + (ndvi_max - ndvi_min) * green
+            k += 1
+    return sm, ndvi
+
+
 def _split_total(total: int, n: int, caps: np.ndarray, rng: np.random.Generator, minimum: int = 6) -> np.ndarray:
     """Integers >= minimum, <= caps, summing to ``total`` where the caps allow, with spread."""
     w = rng.gamma(2.0, 1.0, n)
@@ -300,27 +342,10 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
     hyd = physics.cosby_hydraulics(sand, clay)
 
     # ----- daily water balance and NDVI per 50 m cell --------------------------------------
-    doy = days.day_of_year.to_numpy()
-    lat_sub = lat_c[sub_cell]
-    theta = 0.5 * (hyd["field_capacity"] + hyd["wilting_point"])
-    sm = np.empty((len(days), n_sub), dtype=np.float32)
-    avail = np.zeros(n_sub)
-    ndvi = np.empty((len(days), n_sub), dtype=np.float32)
     ndvi_max = np.clip(0.35 + 0.5 * np.clip(wetness[sub_cell] * _climate(lon_c, lat_c)["precip_mm"][sub_cell] / 1300, 0, 1)
                        + rng.normal(0, 0.05, n_sub), 0.25, 0.92)
     ndvi_min = np.clip(0.08 + rng.normal(0, 0.02, n_sub), 0.02, 0.2)
-    green = np.zeros(n_sub)
-    for d in range(len(days)):
-        t = t_air[d, sub_cell]
-        pet = physics.hamon_pet(t, physics.day_length_hours(lat_sub, doy[d]))
-        theta = physics.bucket_step(theta, precip[d, sub_cell], pet, hyd)
-        sm[d] = theta
-        # plant-available water integrates over ~a month; greenness follows with ~2 weeks lag
-        rel = np.clip((theta - hyd["wilting_point"]) / (hyd["field_capacity"] - hyd["wilting_point"]), 0, 1)
-        avail += (rel - avail) / 30.0
-        f_t = 1.0 / (1.0 + np.exp(-(t - 10.0) / 3.0))
-        green += (f_t * np.sqrt(avail) - green) / 15.0
-        ndvi[d] = ndvi_min + (ndvi_max - ndvi_min) * green
+    sm, ndvi = water_and_greenness(precip, t_air, sub_cell, lat_c[sub_cell], days, hyd, ndvi_min, ndvi_max)
 
     # ----- Sentinel-1 calendar, SMAP availability ----------------------------------------
     n_years = (len(days) - first) / 365.25
