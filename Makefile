@@ -1,5 +1,5 @@
 # make test: set up .venv (torch CPU wheel first), install msda with test extras, run pytest.
-# make demo: same set-up, then simulate + pretrain (quick) + experiment --quick + report, in demo_out/.
+# make demo: same set-up, then simulate + pretrain (quick) + experiment --quick + report + a 50 m map, in demo_out/.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -27,9 +27,11 @@ demo: $(STAMP)
 	$(BIN)/msda experiment --fine demo_out/benchmark/fine.parquet --coarse demo_out/benchmark/coarse.parquet \
 		--weights demo_out/weights_9km --out demo_out/experiment --quick
 	$(BIN)/msda report demo_out/experiment
+	$(BIN)/msda map --weights demo_out/weights_9km --inputs demo --out demo_out/map
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/predict.py
+	$(BIN)/python benchmarks/map.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -10,7 +10,7 @@ from msda.tables import write_samples
 from msda.weights import save_authors, save_ensemble
 
 runner = CliRunner()
-COMMANDS = [[], ["predict"], ["pretrain"], ["adapt"], ["simulate"], ["validate"], ["convert"], ["demo"], ["experiment"], ["report"], ["prepare"], ["prepare", "ismn"], ["prepare", "smap"], ["prepare", "static"], ["prepare", "series"], ["prepare", "gee"], ["prepare", "samples"], ["weights"], ["weights", "info"],
+COMMANDS = [[], ["predict"], ["pretrain"], ["adapt"], ["simulate"], ["validate"], ["convert"], ["demo"], ["map"], ["scene"], ["experiment"], ["report"], ["prepare"], ["prepare", "ismn"], ["prepare", "smap"], ["prepare", "static"], ["prepare", "series"], ["prepare", "gee"], ["prepare", "samples"], ["weights"], ["weights", "info"],
             ["weights", "convert"], ["weights", "init"], ["schema"], ["schema", "show"], ["schema", "write"]]
 
 

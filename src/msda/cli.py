@@ -606,13 +606,15 @@ def map_(
     cells: str = typer.Option("2x2", help="With --inputs demo: rows x columns of 9 km cells."),
     dates: int = typer.Option(3, min=1, help="With --inputs demo: Sentinel-1 dates."),
     seed: int = typer.Option(0, help="With --inputs demo: seed of the scene."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the convolutions (pays on large maps)."),
 ) -> None:
     """Map 50 m soil moisture: ensemble mean, member spread and a mask per date (Zarr, COG, PNG)."""
     from msda.mapping import make_map
 
     scene_opts = dict(cells=_cells(cells), dates=dates, seed=seed) if inputs == "demo" else None
     s = make_map(weights, inputs, out, chunks=chunks, scheduler=scheduler, workers=workers, device=device,
-                 ranges_table=training_table, previews=preview, cog=cog, scene=scene_opts)
+                 ranges_table=training_table, previews=preview, cog=cog, scene=scene_opts,
+                 compile=compile)
     h, w = s["shape"][1:]
     typer.echo(f"wrote {out}: {len(s['dates'])} dates x {h} x {w} pixels, {s['pixels_per_s']:,.0f} pixels/s")
     for d in s["dates"]:

@@ -1,5 +1,6 @@
 """The demo: the synthetic benchmark, a quick 9 km pretraining, the weights in the authors'
-format, and the paper's experiment in its quick form (``Protocol.quick_run``) with its report.
+format, the paper's experiment in its quick form (``Protocol.quick_run``) with its report, and
+a 50 m map of a synthetic scene with the pretrained weights.
 
 Everything is cut (members, epochs, N values, repeats) so that the demo ends in minutes on two
 cores; ``msda pretrain`` and ``msda experiment`` with their defaults run the paper's settings.
@@ -71,3 +72,11 @@ def run_demo(
          "median-run RMSE on the SCAN target stations (m3/m3) by N:")
     echo("  " + wide.to_string(float_format=lambda v: f"{v:.4f}").replace("\n", "\n  "))
     echo(f"report: {out / 'experiment' / 'report.html'}")
+
+    from msda.mapping import make_map
+
+    summary = make_map(out / "weights_9km", "demo", out / "map")
+    echo(f"map: a synthetic scene of {summary['shape'][1]} x {summary['shape'][2]} pixels of 50 m, "
+         f"{summary['shape'][0]} dates, {summary['pixels_per_s']:,.0f} pixels/s -> {out / 'map'}")
+    for d in summary["versus_truth"]:
+        echo(f"  {d['date']}: RMSE {d['rmse']:.3f} m3/m3, R {d['r']:.2f} against the scene's true soil moisture")

@@ -316,41 +316,43 @@ _PREDICT_LOCK = threading.Lock()  # one prediction at a time per process: torch 
 
 
 @functools.lru_cache(maxsize=2)
-def _engine(weights: str, device: str):
+def _engine(weights: str, device: str, compile: bool = False):
+    """The fused ensemble of ``weights``, built once per process (each Dask worker has its own)."""
     from msda.predict import FusedEnsemble, _resolve_device
     from msda.weights import load_ensemble
 
     ensemble = load_ensemble(weights)
-    return FusedEnsemble(ensemble.eval(), _resolve_device(device)), ensemble.schema
+    return FusedEnsemble(ensemble.eval(), _resolve_device(device), compile=compile), ensemble.schema
 
 
 def block_features(stack: Stack, schema: FeatureSchema, t: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """Raw-unit features (pixels, n_features) of one window and date, NaN where nodata."""
+    """Raw-unit features (pixels, n_features) of one window and date as float32, NaN where nodata."""
     n = (y1 - y0) * (x1 - x0)
-    cols = []
-    rows = np.repeat(np.arange(stack.row0 + y0, stack.row0 + y1), x1 - x0)
-    colidx = np.tile(np.arange(stack.col0 + x0, stack.col0 + x1), y1 - y0)
+    out = np.empty((n, schema.n_features), np.float32)
     k = GRID_9KM.ratio(GRID_50M)
-    derived = {"doy": np.full(n, float(stack.times[t].day_of_year)), "row_9km": (rows // k).astype(float),
-               "col_9km": (colidx // k).astype(float)}
+    rows = np.repeat(np.arange(stack.row0 + y0, stack.row0 + y1) // k, x1 - x0)
+    cols = np.tile(np.arange(stack.col0 + x0, stack.col0 + x1) // k, y1 - y0)
+    derived = {"doy": np.full(n, float(stack.times[t].day_of_year)), "row_9km": rows.astype(float),
+               "col_9km": cols.astype(float)}
     cache: dict[str, np.ndarray] = {}
-    for var, enc in _scalar_source(schema, set(stack.dated)):
+    for i, (var, enc) in enumerate(_scalar_source(schema, set(stack.dated))):
         if var in derived:
             raw = derived[var]
         else:
             if var not in cache:
-                cache[var] = stack.read(var, t, y0, y1, x0, x1).reshape(n).astype(np.float64)
+                cache[var] = stack.read(var, t, y0, y1, x0, x1).reshape(n)
             raw = cache[var]
-        cols.append(enc.apply(raw) if enc is not None else raw)
+        out[:, i] = enc.apply(raw) if enc is not None else raw
+    off = schema.n_scalars
     for s in schema.series:
-        block = stack.read(s.name, t, y0, y1, x0, x1).reshape(s.length, n)
-        cols.extend(block)
-    return np.stack(cols, axis=1)
+        out[:, off : off + s.length] = stack.read(s.name, t, y0, y1, x0, x1).reshape(s.length, n).T
+        off += s.length
+    return out
 
 
 def map_block(
     stack: Stack, weights: str, device: str, store: str, t: int, y0: int, y1: int, x0: int, x1: int,
-    ranges: tuple[np.ndarray, np.ndarray] | None = None,
+    ranges: tuple[np.ndarray, np.ndarray] | None = None, compile: bool = False,
 ) -> dict:
     """Predict one window of one date and write it into the Zarr ``store``; returns its statistics."""
     import torch
@@ -359,14 +361,15 @@ def map_block(
     from msda.predict import predict
 
     start = time.perf_counter()
-    engine, schema = _engine(weights, device)
-    raw = block_features(stack, schema, t, y0, y1, x0, x1)
-    z = (raw - schema.lo) / (schema.hi - schema.lo)
+    engine, schema = _engine(weights, device, compile)
+    z = block_features(stack, schema, t, y0, y1, x0, x1)
+    z -= schema.lo.astype(np.float32)
+    z /= (schema.hi - schema.lo).astype(np.float32)
     nodata = np.isnan(z).any(axis=1)
     mask = np.where(nodata, NODATA, 0).astype(np.uint8)
     with np.errstate(invalid="ignore"):
         mask |= np.where(((z < -_TOL) | (z > 1 + _TOL)).any(axis=1), OUT_OF_RANGE, 0).astype(np.uint8)
-        zc = np.clip(z, 0.0, 1.0)
+        zc = np.clip(z, 0.0, 1.0, out=z)  # in place: the flags above are taken
         if ranges is not None:
             lo, hi = ranges
             mask |= np.where(((zc < lo - _TOL) | (zc > hi + _TOL)).any(axis=1), OUT_OF_TRAINING, 0).astype(np.uint8)
@@ -375,7 +378,7 @@ def map_block(
     ok = ~nodata
     if ok.any():
         with _PREDICT_LOCK, torch.inference_mode():
-            pred = predict(engine, zc[ok].astype(np.float32))
+            pred = predict(engine, zc[ok] if not ok.all() else zc)
         mean[ok], std[ok] = pred.mean, pred.std
     shape = (y1 - y0, x1 - x0)
     group = zarr.open_group(store, mode="r+")
@@ -482,11 +485,13 @@ def make_map(
     cog: bool = True,
     progress: bool = True,
     scene: dict | None = None,
+    compile: bool = False,
 ) -> dict:
     """Map every date of ``inputs`` with the ensemble at ``weights`` into ``out`` (atomically).
 
     ``inputs="demo"`` first writes a synthetic scene (``msda.simulate.scene``, settings ``scene``)
-    into ``out/scene.zarr`` and compares the map with its true soil moisture.
+    into ``out/scene.zarr`` and compares the map with its true soil moisture. ``compile``:
+    torch.compile the convolutions in each process (a one-off cost that pays on large maps).
     """
     import dask
 
@@ -501,7 +506,7 @@ def make_map(
         stack = open_stack(inputs, schema)
     ranges = training_ranges(ranges_table, schema) if ranges_table else None
     settings = dict(weights=weights, inputs="demo" if demo else str(Path(inputs).resolve()), chunks=chunks,
-                    device=device, scheduler=scheduler, ranges_table=str(ranges_table) if ranges_table else None)
+                    device=device, compile=compile, scheduler=scheduler, ranges_table=str(ranges_table) if ranges_table else None)
     if demo:
         settings["scene"] = dict(scene or {})
     meta = provenance(command="msda map", **settings)
@@ -514,7 +519,8 @@ def make_map(
         store = tmp / "maps.zarr"
         _init_store(stack, store, chunks, meta)
         task = dask.delayed(map_block, pure=False)
-        jobs = [task(stack, weights, device, str(store), *b, ranges=ranges) for b in blocks(stack, chunks)]
+        jobs = [task(stack, weights, device, str(store), *b, ranges=ranges, compile=compile)
+                for b in blocks(stack, chunks)]
         t0 = time.perf_counter()
         results = _run_tasks(jobs, scheduler, workers, progress)
         seconds = time.perf_counter() - t0
@@ -569,38 +575,45 @@ def versus_truth(store: Path, scene: Path, var: str = "sm_true") -> list[dict]:
 def write_cogs(store: Path, folder: Path, chunks: int = 256) -> list[Path]:
     """Cloud-Optimized GeoTIFFs of every variable and date of a map store, written window by window."""
     import rasterio
+
+    ds = open_zarr(store)
+    written = []
+    with rasterio.Env(GDAL_CACHEMAX=64):  # MB: GDAL's default (5 % of RAM) would grow with the map
+        for t, day in enumerate(pd.DatetimeIndex(ds["time"].to_numpy())):
+            for var in ("sm_mean", "sm_std", "mask"):
+                written.append(_write_cog(ds, t, day, var, folder, chunks))
+    return written
+
+
+def _write_cog(ds, t: int, day: pd.Timestamp, var: str, folder: Path, chunks: int) -> Path:
+    """One variable and date: a tiled GeoTIFF filled block by block, then GDAL's COG driver."""
+    import rasterio
     import rasterio.shutil
     from affine import Affine
     from rasterio.windows import Window
 
-    ds = open_zarr(store)
     x, y = ds["x"].to_numpy(), ds["y"].to_numpy()
     cell = GRID_50M.cell_m
     transform = Affine(cell, 0, float(x[0]) - cell / 2, 0, -cell, float(y[0]) + cell / 2)
-    written = []
-    for t, day in enumerate(pd.DatetimeIndex(ds["time"].to_numpy())):
-        for var in ("sm_mean", "sm_std", "mask"):
-            da = ds[var]
-            dtype = "uint8" if var == "mask" else "float32"
-            nodata = None if var == "mask" else np.nan
-            plain = folder / f".{var}_{day.date()}.plain.tif"
-            profile = dict(driver="GTiff", width=len(x), height=len(y), count=1, dtype=dtype, crs=CRS,
-                           transform=transform, nodata=nodata, tiled=True, blockxsize=256, blockysize=256,
-                           compress="deflate")
-            with rasterio.open(plain, "w", **profile) as dst:
-                for y0 in range(0, len(y), chunks):
-                    for x0 in range(0, len(x), chunks):
-                        y1, x1 = min(y0 + chunks, len(y)), min(x0 + chunks, len(x))
-                        block = da.isel(time=t, y=slice(y0, y1), x=slice(x0, x1)).values
-                        dst.write(block.astype(dtype), 1, window=Window(x0, y0, x1 - x0, y1 - y0))
-                dst.set_band_description(1, var)
-                dst.update_tags(1, units=da.attrs.get("units", ""), date=str(day.date()))
-            target = folder / f"{var}_{day.date()}.tif"
-            rasterio.shutil.copy(plain, target, driver="COG", compress="DEFLATE",
-                                 overview_resampling="nearest" if var == "mask" else "average")
-            plain.unlink()
-            written.append(target)
-    return written
+    da = ds[var]
+    dtype = "uint8" if var == "mask" else "float32"
+    plain = folder / f".{var}_{day.date()}.plain.tif"
+    profile = dict(driver="GTiff", width=len(x), height=len(y), count=1, dtype=dtype, crs=CRS, transform=transform,
+                   nodata=None if var == "mask" else np.nan, tiled=True, blockxsize=256, blockysize=256,
+                   compress="deflate")
+    with rasterio.open(plain, "w", **profile) as dst:
+        for y0 in range(0, len(y), chunks):
+            for x0 in range(0, len(x), chunks):
+                y1, x1 = min(y0 + chunks, len(y)), min(x0 + chunks, len(x))
+                block = da.isel(time=t, y=slice(y0, y1), x=slice(x0, x1)).values
+                dst.write(block.astype(dtype), 1, window=Window(x0, y0, x1 - x0, y1 - y0))
+        dst.set_band_description(1, var)
+        dst.update_tags(1, units=da.attrs.get("units", ""), date=str(day.date()))
+    target = folder / f"{var}_{day.date()}.tif"
+    rasterio.shutil.copy(plain, target, driver="COG", compress="DEFLATE",
+                         overview_resampling="nearest" if var == "mask" else "average")
+    plain.unlink()
+    return target
 
 
 def draw_preview(store: Path, t: int, path: Path, title: str = "", max_pixels: int = 900) -> Path:
