@@ -49,7 +49,7 @@ def test_build_samples_fine(tmp_path):
     i = DAYS.get_loc(row["date"])
     t2m = next(s for s in DEFAULT_SCHEMA.series if s.name == "t2m")
     assert row["t2m_45"] == pytest.approx((5 + 0.02 * (i - 4.5) - t2m.lo) / (t2m.hi - t2m.lo), rel=1e-6)
-    assert row["doy_sin"] == pytest.approx((np.sin(2 * np.pi * row["date"].dayofyear / 365) + 1) / 2, abs=1e-6)
+    assert row["doy_sin"] == pytest.approx((np.sin(2 * np.pi * row["date"].day_of_year / 365) + 1) / 2, abs=1e-6)
     assert row["aspect_sin"] == pytest.approx(1.0) and row["r"] == 300
     path = write_samples(out, tmp_path / "fine.parquet")
     back = read_samples(path)
