@@ -247,3 +247,13 @@ def test_cli_scene_and_demo_map(weights, tmp_path):
     shutil.rmtree(tmp_path / "demo")
     res = runner.invoke(app, ["map", "-w", str(weights), "-i", str(tmp_path / "none.zarr"), "-o", str(tmp_path / "o")])
     assert res.exit_code != 0 and "no such input stack" in str(res.exception or res.output)
+
+
+def test_encoded_features_may_be_given_directly(mapped, scene, weights, tmp_path):
+    out, _ = mapped
+    rad = np.radians(scene["aspect_deg"])
+    direct = scene.drop_vars("aspect_deg").assign(aspect_sin=np.sin(rad), aspect_cos=np.cos(rad))
+    cube = write_scene(direct, tmp_path / "direct.zarr")
+    make_map(weights, cube, tmp_path / "m", chunks=32, progress=False, cog=False, previews=False)
+    np.testing.assert_allclose(open_zarr(tmp_path / "m" / "maps.zarr")["sm_mean"].values,
+                               open_zarr(out / "maps.zarr")["sm_mean"].values, atol=1e-5)

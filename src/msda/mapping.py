@@ -68,11 +68,6 @@ class Stack:
     dated: dict[str, bool]  # variable -> has a time dimension
     files: dict[tuple[str, str], str] = field(default_factory=dict)  # (variable, date or "") -> file
 
-    @property
-    def transform(self) -> tuple[float, ...]:
-        c = GRID_50M.cell_m
-        return (c, 0.0, EASE2_UL_X + self.col0 * c, 0.0, -c, EASE2_UL_Y - self.row0 * c)
-
     def coords(self) -> tuple[np.ndarray, np.ndarray]:
         """Pixel-centre x and y (m, EPSG:6933)."""
         x, _ = GRID_50M.center(0, np.arange(self.col0, self.col0 + self.width))
@@ -140,13 +135,12 @@ def _grid_origin(transform, crs, width: int, height: int, where: str) -> tuple[i
     return int(round(row)), int(round(col))
 
 
-def _needed(schema: FeatureSchema) -> tuple[list[str], list[str]]:
-    """Raw scalar variables the stack must hold, and the series names."""
+def _needed(schema: FeatureSchema, have: set[str]) -> tuple[list[str], list[str]]:
+    """The scalar variables to read from a stack holding ``have``, and the series names."""
     scalars = []
-    for s in schema.scalars:
-        src = s.encoding.source if s.encoding is not None else s.name
-        if src not in DERIVED and src not in scalars:
-            scalars.append(src)
+    for var, _ in _scalar_source(schema, have):
+        if var not in DERIVED and var not in scalars:
+            scalars.append(var)
     return scalars, [s.name for s in schema.series]
 
 
@@ -165,7 +159,7 @@ def _scalar_source(schema: FeatureSchema, have: set[str]) -> list[tuple[str, obj
 
 def _check_variables(stack_vars: dict[str, tuple], schema: FeatureSchema, where: str, hint) -> None:
     """``stack_vars``: variable -> (dims...). Missing variables and wrong layouts are errors."""
-    scalars, series = _needed(schema)
+    _, series = _needed(schema, set(stack_vars))
     have = set(stack_vars)
     for s in schema.scalars:
         if s.name in have or (s.encoding is not None and (s.encoding.source in have or s.encoding.source in DERIVED)):
@@ -185,6 +179,8 @@ def open_stack(path: str | Path, schema: FeatureSchema) -> Stack:
     path = Path(path)
     if not path.exists():
         raise MapError(f"{path}: no such input stack")
+    _open_cube.cache_clear()  # a file rewritten since it was last opened in this process
+    _engine.cache_clear()
     if path.is_dir() and not _is_zarr(path):
         return _open_folder(path, schema)
     return _open_cube_stack(path, schema)
@@ -218,7 +214,7 @@ def _open_cube_stack(path: Path, schema: FeatureSchema) -> Stack:
     row0, col0 = _grid_origin(transform, crs, len(x), len(y), str(path))
     dims = {v: tuple(ds[v].dims) for v in ds.data_vars}
     _check_variables(dims, schema, str(path), lambda v: "")
-    scalars, series = _needed(schema)
+    scalars, series = _needed(schema, set(dims))
     for v in scalars + series:
         extra = set(dims[v]) - {"time", "step", "y", "x"}
         if extra:
@@ -295,7 +291,7 @@ def _open_folder(path: Path, schema: FeatureSchema) -> Stack:
     if not dates:
         raise MapError(f"{path}: no dated rasters (<variable>_<YYYY-MM-DD>.tif): a map needs Sentinel-1 dates")
     times = tuple(sorted(dates))
-    scalars, series = _needed(schema)
+    scalars, series = _needed(schema, set(dated))
     for v in scalars + series:
         want = schema.series_length if v in series else 1
         if bands[v] != want:
