@@ -358,6 +358,7 @@ def map_block(
 
     start = time.perf_counter()
     engine, schema = _engine(weights, device, compile)
+    t_read = time.perf_counter()
     z = block_features(stack, schema, t, y0, y1, x0, x1)
     z -= schema.lo.astype(np.float32)
     z /= (schema.hi - schema.lo).astype(np.float32)
@@ -372,10 +373,13 @@ def map_block(
     mean = np.full(len(z), np.nan, np.float32)
     std = np.full(len(z), np.nan, np.float32)
     ok = ~nodata
-    if ok.any():
-        with _PREDICT_LOCK, torch.inference_mode():
+    t_wait = time.perf_counter()
+    with _PREDICT_LOCK, torch.inference_mode():
+        t_pred = time.perf_counter()
+        if ok.any():
             pred = predict(engine, zc[ok] if not ok.all() else zc)
-        mean[ok], std[ok] = pred.mean, pred.std
+            mean[ok], std[ok] = pred.mean, pred.std
+    t_write = time.perf_counter()
     shape = (y1 - y0, x1 - x0)
     group = zarr.open_group(store, mode="r+")
     group["sm_mean"][t, y0:y1, x0:x1] = mean.reshape(shape)
@@ -386,7 +390,8 @@ def map_block(
         "out_of_range": int(((mask & OUT_OF_RANGE) > 0).sum()), "out_of_training": int(((mask & OUT_OF_TRAINING) > 0).sum()),
         "sum_mean": float(np.nansum(mean)), "sum_std": float(np.nansum(std)),
         "min": float(np.nanmin(mean)) if ok.any() else np.nan, "max": float(np.nanmax(mean)) if ok.any() else np.nan,
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start, "load_s": t_read - start, "read_s": t_wait - t_read,
+        "wait_s": t_pred - t_wait, "predict_s": t_write - t_pred, "write_s": time.perf_counter() - t_write,
     }
 
 
@@ -547,7 +552,9 @@ def _summary(stack: Stack, results: list[dict], seconds: float, meta: dict) -> d
             "min_sm": float(part["min"].min()) if pred else None, "max_sm": float(part["max"].max()) if pred else None,
         })
     pixels = int(frame["pixels"].sum())
+    stages = {k[:-2]: round(float(frame[k].sum()), 3) for k in ("load_s", "read_s", "wait_s", "predict_s", "write_s")}
     return {"dates": dates, "pixels": pixels, "blocks": len(frame), "seconds": round(seconds, 3),
+            "task_seconds": stages,
             "pixels_per_s": round(pixels / seconds, 1) if seconds > 0 else None,
             "shape": [len(stack.times), stack.height, stack.width],
             "row0_50m": stack.row0, "col0_50m": stack.col0, "provenance": meta}

@@ -131,7 +131,7 @@ class FusedEnsemble:
         compile: bool = False,
     ):
         self.device = torch.device(device)
-        self.conv_batch = conv_batch or (64 if compile else 128)
+        self.conv_batch = conv_batch or 64
         self._conv = torch.compile(self._conv_features, dynamic=False) if compile else self._conv_features
         self.compiled = compile
         self.names = ensemble.names
