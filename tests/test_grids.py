@@ -66,3 +66,12 @@ def test_outside_the_grid_is_an_error():
         GRID_9KM.lonlat_to_rowcol([10.0, 20.0], [45.0, 89.0])
     with pytest.raises(GridError):
         GRID_9KM.lonlat_to_rowcol(200.0, 10.0)
+
+
+def test_transform_puts_cells_at_their_bounds():
+    from msda.grids import GRID_9KM
+
+    t = GRID_9KM.transform(100, 2000)
+    left, bottom, right, top = GRID_9KM.bounds(103, 2005)
+    assert t * (5, 3) == pytest.approx((left, top))
+    assert t * (6, 4) == pytest.approx((right, bottom))

@@ -54,6 +54,12 @@ class Ease2Grid:
         top = EASE2_UL_Y - np.asarray(row) * self.cell_m
         return left, top - self.cell_m, left + self.cell_m, top
 
+    def transform(self, row0: int, col0: int):
+        """The affine transform (north up) of a raster whose first cell is (row0, col0)."""
+        from affine import Affine
+
+        return Affine(self.cell_m, 0.0, EASE2_UL_X + col0 * self.cell_m, 0.0, -self.cell_m, EASE2_UL_Y - row0 * self.cell_m)
+
     def lonlat_to_rowcol(self, lon, lat, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Row and column of longitudes and latitudes (degrees); outside the grid is an error."""
         lon, lat = np.asarray(lon, dtype=float), np.asarray(lat, dtype=float)

@@ -114,7 +114,7 @@ def _open_cube(path: str):
     return xr.open_dataset(path, chunks=None)
 
 
-def _grid_origin(transform, crs, width: int, height: int, where: str) -> tuple[int, int]:
+def _grid_origin(transform, crs, where: str) -> tuple[int, int]:
     """First row and column on the EASE-2 50 m grid of a raster, or a MapError naming ``where``."""
     from rasterio.crs import CRS as RioCRS
 
@@ -159,14 +159,13 @@ def _scalar_source(schema: FeatureSchema, have: set[str]) -> list[tuple[str, obj
 
 def _check_variables(stack_vars: dict[str, tuple], schema: FeatureSchema, where: str, hint) -> None:
     """``stack_vars``: variable -> (dims...). Missing variables and wrong layouts are errors."""
-    _, series = _needed(schema, set(stack_vars))
     have = set(stack_vars)
     for s in schema.scalars:
         if s.name in have or (s.encoding is not None and (s.encoding.source in have or s.encoding.source in DERIVED)):
             continue
         want = s.encoding.source if s.encoding is not None else s.name
         raise MapError(f"{where}: no variable {want!r} (for input {s.name!r} of schema {schema.name!r}){hint(want)}")
-    for name in series:
+    for name in (s.name for s in schema.series):
         if name not in have:
             raise MapError(f"{where}: no variable {name!r} (a series of schema {schema.name!r}){hint(name)}")
     for v in SAR:
@@ -180,7 +179,6 @@ def open_stack(path: str | Path, schema: FeatureSchema) -> Stack:
     if not path.exists():
         raise MapError(f"{path}: no such input stack")
     _open_cube.cache_clear()  # a file rewritten since it was last opened in this process
-    _engine.cache_clear()
     if path.is_dir() and not _is_zarr(path):
         return _open_folder(path, schema)
     return _open_cube_stack(path, schema)
@@ -211,7 +209,7 @@ def _open_cube_stack(path: Path, schema: FeatureSchema) -> Stack:
     if len(x) > 2 and np.ptp(np.diff(x)) > 1e-3 or len(y) > 2 and np.ptp(np.diff(y)) > 1e-3:
         raise MapError(f"{path}: x or y is not evenly spaced")
     transform = (dx, 0.0, float(x[0]) - dx / 2, 0.0, dy, float(y[0]) - dy / 2)
-    row0, col0 = _grid_origin(transform, crs, len(x), len(y), str(path))
+    row0, col0 = _grid_origin(transform, crs, str(path))
     dims = {v: tuple(ds[v].dims) for v in ds.data_vars}
     _check_variables(dims, schema, str(path), lambda v: "")
     scalars, series = _needed(schema, set(dims))
@@ -237,19 +235,12 @@ def _open_cube_stack(path: Path, schema: FeatureSchema) -> Stack:
     return Stack(str(path), "cube", times, len(y), len(x), row0, col0, {v: "time" in d for v, d in dims.items()})
 
 
-def _date_key(name: str):
-    from msda.prepare.rasters import DATE_PATTERNS
+def _date_key(name: str) -> tuple[str, pd.Timestamp | None]:
+    """``vv_2020-06-01`` -> ("vv", the date); a name without a trailing date -> (name, None)."""
+    from msda.prepare.rasters import find_date
 
-    import re
-
-    for pattern in DATE_PATTERNS:
-        m = re.search(r"_" + pattern + r"$", name)
-        if m:
-            try:
-                return name[: m.start()], pd.Timestamp(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-            except ValueError:
-                continue
-    return name, None
+    found = find_date(name, prefix="_", at_end=True)
+    return (name, None) if found is None else (name[: found[0]], found[1])
 
 
 def _open_folder(path: Path, schema: FeatureSchema) -> Stack:
@@ -271,7 +262,7 @@ def _open_folder(path: Path, schema: FeatureSchema) -> Stack:
                 bands[var] = src.count
         except rasterio.errors.RasterioIOError as exc:
             raise MapError(f"{p}: cannot read ({exc})") from None
-        origin = _grid_origin(meta[1], meta[0], meta[2], meta[3], str(p))
+        origin = _grid_origin(meta[1], meta[0], str(p))
         if first is None:
             first = (p, origin, meta[2], meta[3])
         elif (origin, meta[2], meta[3]) != first[1:]:
@@ -501,6 +492,7 @@ def make_map(
     if chunks < 16:
         raise MapError(f"--chunks must be at least 16 pixels, got {chunks}")
     weights, out = str(Path(weights).resolve()), Path(out)
+    _engine.cache_clear()  # weights rewritten since this process last loaded them
     schema = load_ensemble(weights).schema
     demo = str(inputs) == "demo"
     if not demo:
@@ -580,24 +572,23 @@ def write_cogs(store: Path, folder: Path, chunks: int = 256) -> list[Path]:
     import rasterio
 
     ds = open_zarr(store)
+    x, y = ds["x"].to_numpy(), ds["y"].to_numpy()
+    transform = GRID_50M.transform(*GRID_50M.rowcol(x[0], y[0]))
     written = []
     with rasterio.Env(GDAL_CACHEMAX=64):  # MB: GDAL's default (5 % of RAM) would grow with the map
         for t, day in enumerate(pd.DatetimeIndex(ds["time"].to_numpy())):
             for var in ("sm_mean", "sm_std", "mask"):
-                written.append(_write_cog(ds, t, day, var, folder, chunks))
+                written.append(_write_cog(ds, t, day, var, folder, chunks, transform))
     return written
 
 
-def _write_cog(ds, t: int, day: pd.Timestamp, var: str, folder: Path, chunks: int) -> Path:
+def _write_cog(ds, t: int, day: pd.Timestamp, var: str, folder: Path, chunks: int, transform) -> Path:
     """One variable and date: a tiled GeoTIFF filled block by block, then GDAL's COG driver."""
     import rasterio
     import rasterio.shutil
-    from affine import Affine
     from rasterio.windows import Window
 
     x, y = ds["x"].to_numpy(), ds["y"].to_numpy()
-    cell = GRID_50M.cell_m
-    transform = Affine(cell, 0, float(x[0]) - cell / 2, 0, -cell, float(y[0]) + cell / 2)
     da = ds[var]
     dtype = "uint8" if var == "mask" else "float32"
     plain = folder / f".{var}_{day.date()}.plain.tif"

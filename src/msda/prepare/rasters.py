@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from msda.grids import CRS, EASE2_UL_X, EASE2_UL_Y, GRIDS, Ease2Grid
+from msda.grids import CRS, GRIDS, Ease2Grid
 from msda.prepare.ismn import PrepareError
 
 
@@ -50,13 +50,12 @@ def aggregate_window(
     angle: bool = False,
 ) -> np.ndarray:
     """AWA of one band onto the EASE-2 cells rows row0.., cols col0.. (NaN: no valid pixel)."""
-    from affine import Affine
     from rasterio.warp import Resampling, reproject, transform_bounds
     from rasterio.windows import Window, from_bounds
 
     g = _grid(grid)
-    dst_transform = Affine(g.cell_m, 0, EASE2_UL_X + col0 * g.cell_m, 0, -g.cell_m, EASE2_UL_Y - row0 * g.cell_m)
-    left, top = EASE2_UL_X + col0 * g.cell_m, EASE2_UL_Y - row0 * g.cell_m
+    dst_transform = g.transform(row0, col0)
+    left, top = dst_transform.c, dst_transform.f
     right, bottom = left + n_cols * g.cell_m, top - n_rows * g.cell_m
     with _open(path) as src:
         if not 1 <= band <= src.count:
@@ -123,18 +122,26 @@ def aggregate_at_stations(
 DATE_PATTERNS = (r"(\d{4})-(\d{2})-(\d{2})", r"(\d{4})(\d{2})(\d{2})", r"(\d{4})_(\d{2})_(\d{2})")
 
 
-def date_of_file(path: str | Path) -> pd.Timestamp:
-    """The date in a file name: YYYY-MM-DD, YYYYMMDD or YYYY_MM_DD."""
+def find_date(name: str, prefix: str = "", at_end: bool = False) -> tuple[int, pd.Timestamp] | None:
+    """The first valid date (YYYY-MM-DD, YYYYMMDD or YYYY_MM_DD) in ``name``, after ``prefix``
+    and, with ``at_end``, ending the name: (where its match starts, the date), or None."""
     import re
 
-    name = Path(str(path)).name
     for pattern in DATE_PATTERNS:
-        m = re.search(pattern, name)
+        m = re.search(re.escape(prefix) + pattern + ("$" if at_end else ""), name)
         if m:
             try:
-                return pd.Timestamp(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+                return m.start(), pd.Timestamp(int(m.group(1)), int(m.group(2)), int(m.group(3)))
             except ValueError:
                 continue
+    return None
+
+
+def date_of_file(path: str | Path) -> pd.Timestamp:
+    """The date in a file name: YYYY-MM-DD, YYYYMMDD or YYYY_MM_DD."""
+    found = find_date(Path(str(path)).name)
+    if found is not None:
+        return found[1]
     raise PrepareError(f"{path}: no date (YYYY-MM-DD, YYYYMMDD or YYYY_MM_DD) in the file name")
 
 

@@ -204,12 +204,10 @@ def to_geotiffs(ds: xr.Dataset, folder: str | Path) -> list[Path]:
     """One GeoTIFF per variable (static) or per variable and date (``<var>_<YYYY-MM-DD>.tif``);
     series as one band per step. Uses the dataset's CRS and pixel-centre coordinates."""
     import rasterio
-    from affine import Affine
 
     folder = Path(folder)
     x, y = ds["x"].to_numpy(), ds["y"].to_numpy()
-    cell = GRID_50M.cell_m
-    transform = Affine(cell, 0, float(x[0]) - cell / 2, 0, -cell, float(y[0]) + cell / 2)
+    transform = GRID_50M.transform(*GRID_50M.rowcol(x[0], y[0]))
     written = []
     for name, da in ds.data_vars.items():
         if not {"y", "x"} <= set(da.dims):
