@@ -493,7 +493,8 @@ def make_map(
         raise MapError(f"--chunks must be at least 16 pixels, got {chunks}")
     weights, out = str(Path(weights).resolve()), Path(out)
     _engine.cache_clear()  # weights rewritten since this process last loaded them
-    schema = load_ensemble(weights).schema
+    # locally the tasks run in this process: load the ensemble once, for the schema and for them
+    schema = load_ensemble(weights).schema if scheduler else _engine(weights, device, compile)[1]
     demo = str(inputs) == "demo"
     if not demo:
         stack = open_stack(inputs, schema)
