@@ -100,25 +100,32 @@ def _replicate_pad(x: torch.Tensor, dim: int, pad: int = KERNEL // 2) -> torch.T
     return torch.cat((*[first] * pad, x, *[last] * pad), dim=dim)
 
 
-def _conv_taps(flat: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Per-member 1-D convolution of ``flat`` (members, rows, channels) as KERNEL batched GEMMs.
+def _pair_sum(h: torch.Tensor) -> torch.Tensor:
+    """Sum of neighbouring steps of (batch, steps, channels), floor mode, from two strided views."""
+    n = h.shape[1] // 2 * 2
+    return h[:, 0:n:2] + h[:, 1:n:2]
 
-    Row r of the result is sum_k flat[r + k] @ taps[k]; rows whose window crosses from one
-    sample into the next are discarded by the caller.
+
+def _grouped_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """relu(conv1d) of every member, (batch, steps, members * c_in) -> (batch, steps, members * c_out).
+
+    One grouped convolution (oneDNN on CPU) on steps-major ("channels-last") tensors: the
+    replicate-padded input is read in place and the output comes back steps-major, no copies.
     """
-    n = flat.shape[1] - (KERNEL - 1)
-    out = torch.baddbmm(bias, flat[:, :n], taps[0])
-    for k in range(1, KERNEL):
-        out.baddbmm_(flat[:, k : k + n], taps[k])
-    return out
+    x4 = _replicate_pad(h, 1).transpose(1, 2).unsqueeze(2)  # (B, C, 1, L + 4), channels-last strides
+    y = F.conv2d(x4, weight, bias, groups=groups)  # (B, C_out, 1, L), channels-last
+    return y.squeeze(2).transpose(1, 2).relu_()
 
 
 class FusedEnsemble:
     """Inference-only DenseSM-E: folded BatchNorms, all members' convolutions as batched GEMMs.
 
-    Convolutions run channels-last: the first (shared input) as one GEMM over all members, the
-    next two as one batched GEMM per kernel tap. They run on sub-batches of ``conv_batch``
-    samples, small enough to stay in cache; the dense part runs on the whole batch.
+    Convolutions run steps-major ("channels-last"): the first (shared input) as one GEMM over
+    all members, the next two as grouped convolutions (one group per member). The factor 1/2 of
+    the first two average poolings is folded into their weights (relu(z / 2) = relu(z) / 2, exact
+    in floating point), so that pooling is one addition of two strided views. They run on
+    sub-batches of ``conv_batch`` samples, small enough to stay in cache; the dense part runs
+    on the whole batch.
     ``compile=True`` fuses the convolution stage with ``torch.compile`` (a one-off compilation
     of some seconds that pays for large tables and maps; needs a C++ compiler on CPU).
     """
@@ -146,43 +153,33 @@ class FusedEnsemble:
                 folded.append((torch.cat([p[0] for p in pairs]).detach(), torch.cat([p[1] for p in pairs]).detach()))
             (w1, b1), (w2, b2), (w3, b3) = folded
             self.c1 = w1.shape[0] // m
-            # conv1: (M*C1, S, K) -> (S*K, M*C1), rows ordered (channel, tap) as unfold gives them
-            self.w1 = w1.reshape(m * self.c1, -1).t().contiguous().to(self.device)
-            self.b1 = b1.to(self.device)
-            # conv2/3: (M*O, C, K) -> taps (K, M, C, O)
-            self.taps, self.tap_bias = [], []
-            for w, b in ((w2, b2), (w3, b3)):
-                o = w.shape[0] // m
-                self.taps.append(w.reshape(m, o, w.shape[1], KERNEL).permute(3, 0, 2, 1).contiguous().to(self.device))
-                self.tap_bias.append(b.reshape(m, 1, o).to(self.device))
+            half = 1.0 / POOL_WINDOWS[0]  # the first two poolings average pairs
+            assert POOL_WINDOWS[:2] == (2, 2)
+            # conv1: (M*C1, S, K) -> (S*K + 1, M*C1), rows ordered (channel, tap) as unfold gives them
+            # (bias as the last row)
+            self.w1 = (torch.cat((w1.reshape(m * self.c1, -1).t(), b1[None]), 0) * half).contiguous().to(self.device)
+            # conv2/3: (M*O, C, K) -> grouped Conv2d weights (M*O, C, 1, K), channels-last
+            self.kernels, self.kernel_bias = [], []
+            for w, b, scale in ((w2, b2, half), (w3, b3, 1.0)):
+                self.kernels.append((w * scale).unsqueeze(2).contiguous(memory_format=torch.channels_last).to(self.device))
+                self.kernel_bias.append((b * scale).to(self.device))
             self.dense = [_FusedMember(mb).to_device(self.device) for mb in members]
-        self.l1 = self.length // POOL_WINDOWS[0]
-        self.l2 = self.l1 // POOL_WINDOWS[1]
 
     def _conv_features(self, series: torch.Tensor) -> torch.Tensor:
         """Temporal features of every member: (batch, n_series, length) -> (batch, M, C3 * L3)."""
-        b, m, pad = series.shape[0], self.n_members, KERNEL // 2
-        c2, c3 = self.taps[0].shape[-1], self.taps[1].shape[-1]
-        w0, w1_, w2_ = POOL_WINDOWS
-        # conv1, shared input: one GEMM for all members
-        cols = _replicate_pad(series.transpose(1, 2), 1).unfold(1, KERNEL, 1)  # (b, L, S, K)
-        h = torch.addmm(self.b1, cols.reshape(b * self.length, -1), self.w1).relu_()
-        h = h.view(b, self.length, m * self.c1)[:, : self.l1 * w0].reshape(b, self.l1, w0, m * self.c1).mean(2)
-        # conv2, per member
-        lp = self.l1 + 2 * pad
-        # (b, lp, m*c1) viewed as m strided (b*lp, c1) matrices: no copy, batched GEMM reads in place
-        h = _replicate_pad(h, 1).view(b * lp, m, self.c1).transpose(0, 1)
-        h = _conv_taps(h, self.taps[0], self.tap_bias[0])
-        h = F.pad(h, (0, 0, 0, 2 * pad)).view(m, b, lp, c2)[:, :, : self.l2 * w1_].relu_()
-        h = h.reshape(m, b, self.l2, w1_, c2).mean(3)
-        # conv3, per member, then ceil-mode average pooling
-        lp = self.l2 + 2 * pad
-        h = _replicate_pad(h, 2).reshape(m, b * lp, c2)
-        h = _conv_taps(h, self.taps[1], self.tap_bias[1])
-        h = F.pad(h, (0, 0, 0, 2 * pad)).view(m, b, lp, c3)[:, :, : self.l2].relu_()
-        pooled = [h[:, :, s : s + w2_].mean(2) for s in range(0, self.l2, w2_)]
-        # (m, b, L3, C3) -> (b, m, C3 * L3), channel-major like Conv1d output flattening
-        return torch.stack(pooled, dim=3).permute(1, 0, 2, 3).reshape(b, m, -1)
+        b, m = series.shape[0], self.n_members
+        # conv1, shared input: one GEMM for all members, then pool (the 1/2 is in the weights)
+        windows = _replicate_pad(series.transpose(1, 2), 1).unfold(1, KERNEL, 1)  # (b, L, S, K)
+        cols = series.new_ones(b * self.length, self.w1.shape[0])  # the last column multiplies the bias
+        cols[:, :-1] = windows.reshape(b * self.length, -1)
+        h = torch.mm(cols, self.w1).relu_()  # (addmm would first copy the bias into every row)
+        h = _pair_sum(h.view(b, self.length, m * self.c1))
+        h = _pair_sum(_grouped_conv(h, self.kernels[0], self.kernel_bias[0], m))  # conv2, pool
+        h = _grouped_conv(h, self.kernels[1], self.kernel_bias[1], m)  # conv3: (b, L2, m*c3)
+        w = POOL_WINDOWS[2]  # ceil-mode average pooling
+        pooled = torch.stack([h[:, s : s + w].mean(1) for s in range(0, h.shape[1], w)], dim=2)  # (b, m*c3, L3)
+        # channel-major per member, like Conv1d output flattening
+        return pooled.reshape(b, m, -1)
 
     def _conv_chunk(self, series: torch.Tensor) -> torch.Tensor:
         n = series.shape[0]

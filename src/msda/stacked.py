@@ -49,6 +49,18 @@ def _constant(key: tuple, make) -> torch.Tensor:
     return _CONSTANTS[key]
 
 
+def _coin_words(n: int, device: torch.device) -> torch.Tensor:
+    """The random 64-bit words of a fair-coin mask of ``n`` elements (see ``coin_mask``)."""
+    return torch.empty(-(-n // 64), dtype=torch.int64, device=device).random_(-(2**63), None)
+
+
+def _coin_slice(words: torch.Tensor, start: int, n: int, dtype: torch.dtype, keep_scale: float = 1.0) -> torch.Tensor:
+    """Elements ``start .. start + n`` (start a multiple of 64) of the mask whose bits are ``words``."""
+    table = _constant(("bits", words.device, dtype, keep_scale), lambda: (_BIT_TABLE * keep_scale).to(device=words.device, dtype=dtype))
+    part = words[start // 64 : -(-(start + n) // 64)]
+    return table.index_select(0, part.view(torch.uint8).int()).view(-1)[:n]
+
+
 def coin_mask(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, keep_scale: float) -> torch.Tensor:
     """Dropout mask for p = 0.5: each element is 0 or ``keep_scale`` with probability 1/2.
 
@@ -58,9 +70,7 @@ def coin_mask(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, 
     Drawn from torch's global generator.
     """
     n = math.prod(shape)
-    words = torch.empty(-(-n // 64), dtype=torch.int64, device=device).random_(-(2**63), None)
-    table = _constant(("bits", device, dtype, keep_scale), lambda: (_BIT_TABLE * keep_scale).to(device=device, dtype=dtype))
-    return table.index_select(0, words.view(torch.uint8).int()).view(-1)[:n].view(shape)
+    return _coin_slice(_coin_words(n, device), 0, n, dtype, keep_scale).view(shape)
 
 
 def _dropout(x: torch.Tensor, training: bool) -> torch.Tensor:
@@ -114,30 +124,60 @@ class _ReluDropoutPool2(torch.autograd.Function):
         return _pair_backward(grad if ctx.training else grad * 0.5, kept, ctx.dim), None, None
 
 
-class _LinearReluDropoutPool2(torch.autograd.Function):
-    """pool2(dropout(relu(patches @ w.T))) over steps (dim 1 of (B, L, C)), for the first convolution.
+TILE_BYTES = 2 * 1024 * 1024  # activations of the first convolution are made and used in tiles this size
 
-    ``patches`` carry a column of ones and ``w`` the bias as its last column, so the product needs
-    no bias copy and the bias gradient comes out of the weight gradient. The product's output is
-    reused in place for the ReLU and the mask (one activation allocated instead of three).
+
+class _LinearReluDropoutPool2(torch.autograd.Function):
+    """pool2(dropout(relu(patches @ w.T))) over steps, for the first convolution, in tiles.
+
+    ``patches`` (B * L, c_in * K + 1) carry a column of ones and ``w`` the bias as its last
+    column, so the bias gradient comes out of the weight gradient. The activation (B * L rows of
+    all members' channels, the largest of the model) is never stored: it is made a few samples
+    at a time in a buffer that stays in cache, and the backward pass makes it again from the
+    patches and the dropout mask's random words (1 bit per element) instead of reading it back
+    from memory. Twice the arithmetic of this small product, a fraction of the memory traffic.
     """
 
     @staticmethod
     def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool):
-        y = (patches @ w.t()).relu_()  # (B*L, C)
-        if training:
-            y.mul_(coin_mask(tuple(y.shape), y.device, y.dtype, 1.0))
-        kept = y.view(-1, length, y.shape[1])
-        ctx.save_for_backward(patches, kept)
-        ctx.training = training
-        out = _pair_sum(kept, 1)
+        rows, c = patches.shape[0], w.shape[0]
+        batch = rows // length
+        per_tile = max(2, TILE_BYTES // (4 * c * length) // 2 * 2)  # even: tiles start on whole mask words
+        wt = w.t().contiguous()
+        words = _coin_words(rows * c, patches.device) if training else None
+        out = patches.new_empty(batch, length // 2, c)
+        buf = patches.new_empty(min(per_tile, batch) * length, c)
+        for a in range(0, batch, per_tile):
+            kept = _LinearReluDropoutPool2._kept(patches, wt, words, a, min(a + per_tile, batch), length, buf)
+            out[a : a + per_tile] = _pair_sum(kept, 1)
+        ctx.save_for_backward(patches, wt, words)
+        ctx.training, ctx.length, ctx.per_tile = training, length, per_tile
         return out if training else out.mul_(0.5)
 
     @staticmethod
+    def _kept(patches, wt, words, a: int, b: int, length: int, buf: torch.Tensor) -> torch.Tensor:
+        """relu(z) * coin of samples a..b, as (b - a, L, c), in ``buf``."""
+        c = wt.shape[1]
+        z = torch.mm(patches[a * length : b * length], wt, out=buf[: (b - a) * length]).relu_()
+        if words is not None:
+            z.mul_(_coin_slice(words, a * length * c, (b - a) * length * c, z.dtype).view_as(z))
+        return z.view(b - a, length, c)
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        patches, kept = ctx.saved_tensors
-        gy = _pair_backward(grad if ctx.training else grad * 0.5, kept, 1)
-        grad_w = (patches.t() @ gy.reshape(-1, kept.shape[2])).t() if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        patches, wt, words = ctx.saved_tensors
+        length, per_tile = ctx.length, ctx.per_tile
+        batch, c = patches.shape[0] // length, wt.shape[1]
+        grad = grad if ctx.training else grad * 0.5
+        grad_w = patches.new_zeros(c, patches.shape[1])
+        buf = patches.new_empty(min(per_tile, batch) * length, c)
+        for a in range(0, batch, per_tile):
+            b = min(a + per_tile, batch)
+            kept = _LinearReluDropoutPool2._kept(patches, wt, words, a, b, length, buf)
+            gz = _pair_backward(grad[a:b], kept, 1)
+            grad_w.addmm_(gz.reshape(-1, c).t(), patches[a * length : b * length])
         return None, grad_w, None, None
 
 
