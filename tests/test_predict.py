@@ -21,10 +21,11 @@ def test_fused_equals_module(full_ensemble):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_custom_schema():
+@pytest.mark.parametrize("length", [30, 31])
+def test_fused_custom_schema(length):
     d = DEFAULT_SCHEMA.to_dict()
     for s in d["series"]:
-        s["length"] = 30
+        s["length"] = length
     d["scalars"] = d["scalars"][:4]
     schema = FeatureSchema.from_dict(d)
     e = DenseSME([MemberSpec(1, 8), MemberSpec(4, 32)], schema=schema, seed=3)
@@ -33,6 +34,15 @@ def test_fused_custom_schema():
     x = torch.rand(50, schema.n_features)
     with torch.no_grad():
         torch.testing.assert_close(FusedEnsemble(e).member_outputs(x), e.member_outputs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_rows_gathers_without_copy(small_ensemble):
+    x = np.random.default_rng(1).random((500, 153), dtype=np.float32)
+    rows = np.flatnonzero(np.random.default_rng(2).random(500) < 0.3)
+    got = predict(small_ensemble, x, batch_size=64, rows=rows)
+    ref = predict(small_ensemble, x[rows], batch_size=64)
+    np.testing.assert_allclose(got.members, ref.members, rtol=1e-6, atol=1e-6)
+    assert len(got.mean) == len(rows)
 
 
 def test_predict_outputs(small_ensemble):

@@ -102,3 +102,31 @@ def test_coin_mask_is_fair():
     # neighbouring elements are independent (no bit pattern repeats)
     a, b = m.view(-1)[:-1] > 0, m.view(-1)[1:] > 0
     assert abs((a & b).float().mean().item() - 0.25) < 0.005
+
+
+@pytest.mark.parametrize("length", [46, 7])
+@pytest.mark.parametrize("training", [True, False])
+def test_tiled_first_convolution_matches_direct(monkeypatch, length, training):
+    """Tiles of 2 samples (recomputed in backward) give the direct computation, dropout mask included."""
+    import msda.stacked as stacked
+
+    monkeypatch.setattr(stacked, "TILE_BYTES", 1)  # the smallest tile: 2 samples
+    g = torch.Generator().manual_seed(3)
+    batch, c = 9, 64
+    patches = torch.randn(batch * length, 16, dtype=torch.float64, generator=g)
+    w = torch.randn(c, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    grad_out = torch.randn(batch, length // 2, c, dtype=torch.float64, generator=g)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        out = stacked._LinearReluDropoutPool2.apply(patches, w, length, training)
+    (out * grad_out).sum().backward()
+    got_grad, w.grad = w.grad, None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)  # the same random words, drawn in one go
+        mask = stacked.coin_mask((batch * length, c), patches.device, patches.dtype, 1.0) if training else 1.0
+    kept = (torch.relu(patches @ w.t()) * mask).view(batch, length, c)
+    ref = kept[:, 0 : length // 2 * 2 : 2] + kept[:, 1 : length // 2 * 2 : 2]
+    ref = ref if training else ref * 0.5
+    (ref * grad_out).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, w.grad, rtol=1e-10, atol=1e-10)

@@ -598,7 +598,9 @@ def map_(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     chunks: int = typer.Option(256, min=16, help="Block side in pixels: one task per block and date."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a Dask scheduler (default: local threads)."),
-    workers: int = typer.Option(2, min=1, help="Local threads (reading and predicting overlap)."),
+    workers: Optional[int] = typer.Option(
+        None, min=1, help="Local threads; default 1 on CPU (memory stays flat), 2 on a GPU (reading overlaps predicting)."
+    ),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     training_table: Optional[Path] = typer.Option(None, "--training-table", help="Sample table whose feature ranges flag out-of-domain pixels (mask bit 4)."),
     cog: bool = typer.Option(True, "--cog/--no-cog", help="Write Cloud-Optimized GeoTIFFs besides the Zarr store."),

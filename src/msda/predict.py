@@ -218,8 +218,12 @@ def predict(
     batch_size: int = 4096,
     device: str | torch.device | None = "cpu",
     compile: bool = False,
+    rows: np.ndarray | None = None,
 ) -> Prediction:
-    """Predict normalised inputs x (n, n_features) in batches, without gradients."""
+    """Predict normalised inputs x (n, n_features) in batches, without gradients.
+
+    ``rows``: predict only these rows of x (gathered batch by batch, no copy of x).
+    """
     engine = (
         ensemble
         if isinstance(ensemble, FusedEnsemble)
@@ -228,9 +232,11 @@ def predict(
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
     x = x.to(torch.float32)
+    index = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
     outs = []
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size].to(engine.device, non_blocking=True)
+    for start in range(0, x.shape[0] if index is None else len(index), batch_size):
+        xb = x[start : start + batch_size] if index is None else x[index[start : start + batch_size]]
+        xb = xb.to(engine.device, non_blocking=True)
         outs.append(engine.member_outputs(xb).cpu())
     members = torch.cat(outs).numpy() if outs else np.empty((0, engine.n_members), np.float32)
     return Prediction(
