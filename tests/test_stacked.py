@@ -107,7 +107,8 @@ def test_coin_mask_is_fair():
 @pytest.mark.parametrize("length", [46, 7])
 @pytest.mark.parametrize("training", [True, False])
 def test_tiled_first_convolution_matches_direct(monkeypatch, length, training):
-    """Tiles of 2 samples (recomputed in backward) give the direct computation, dropout mask included."""
+    """Tiles of 2 samples (recomputed in backward) give the direct computation, dropout mask and
+    replicate padding included."""
     import msda.stacked as stacked
 
     monkeypatch.setattr(stacked, "TILE_BYTES", 1)  # the smallest tile: 2 samples
@@ -115,10 +116,10 @@ def test_tiled_first_convolution_matches_direct(monkeypatch, length, training):
     batch, c = 9, 64
     patches = torch.randn(batch * length, 16, dtype=torch.float64, generator=g)
     w = torch.randn(c, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    grad_out = torch.randn(batch, length // 2, c, dtype=torch.float64, generator=g)
+    grad_out = torch.randn(batch, length // 2 + 4, c, dtype=torch.float64, generator=g)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
-        out = stacked._LinearReluDropoutPool2.apply(patches, w, length, training)
+        out = stacked._LinearReluDropoutPool2.apply(patches, w, length, training, 2)
     (out * grad_out).sum().backward()
     got_grad, w.grad = w.grad, None
     with torch.random.fork_rng(devices=[]):
@@ -127,6 +128,7 @@ def test_tiled_first_convolution_matches_direct(monkeypatch, length, training):
     kept = (torch.relu(patches @ w.t()) * mask).view(batch, length, c)
     ref = kept[:, 0 : length // 2 * 2 : 2] + kept[:, 1 : length // 2 * 2 : 2]
     ref = ref if training else ref * 0.5
+    ref = torch.cat([ref[:, :1]] * 2 + [ref] + [ref[:, -1:]] * 2, dim=1)  # replicate padding for conv2
     (ref * grad_out).sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_grad, w.grad, rtol=1e-10, atol=1e-10)

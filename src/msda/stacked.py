@@ -79,11 +79,17 @@ def _dropout(x: torch.Tensor, training: bool) -> torch.Tensor:
     return x * coin_mask(tuple(x.shape), x.device, x.dtype, 2.0)
 
 
-def _pair_sum(kept: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum of neighbouring pairs along ``dim`` (floor mode: a last odd element is dropped)."""
+def _pairs(kept: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and second elements of neighbouring pairs along ``dim`` (floor mode), as views."""
     half = kept.shape[dim] // 2
     pairs = kept.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2))
-    return pairs.select(dim + 1, 0) + pairs.select(dim + 1, 1)
+    return pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
+
+
+def _pair_sum(kept: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of neighbouring pairs along ``dim`` (floor mode: a last odd element is dropped)."""
+    a, b = _pairs(kept, dim)
+    return a + b
 
 
 def _pair_backward(grad: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
@@ -128,7 +134,8 @@ TILE_BYTES = 2 * 1024 * 1024  # activations of the first convolution are made an
 
 
 class _LinearReluDropoutPool2(torch.autograd.Function):
-    """pool2(dropout(relu(patches @ w.T))) over steps, for the first convolution, in tiles.
+    """pool2(dropout(relu(patches @ w.T))) over steps, for the first convolution, in tiles,
+    returned replicate-padded by ``pad`` steps on each side for the next convolution.
 
     ``patches`` (B * L, c_in * K + 1) carry a column of ones and ``w`` the bias as its last
     column, so the bias gradient comes out of the weight gradient. The activation (B * L rows of
@@ -136,23 +143,31 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
     at a time in a buffer that stays in cache, and the backward pass makes it again from the
     patches and the dropout mask's random words (1 bit per element) instead of reading it back
     from memory. Twice the arithmetic of this small product, a fraction of the memory traffic.
+    The pooled output is written straight into the padded tensor (no concatenation to pad it);
+    the gradients of the padding fold back onto the first and last steps.
     """
 
     @staticmethod
-    def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool):
+    def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool, pad: int = 0):
         rows, c = patches.shape[0], w.shape[0]
-        batch = rows // length
+        batch, half = rows // length, length // 2
         per_tile = max(2, TILE_BYTES // (4 * c * length) // 2 * 2)  # even: tiles start on whole mask words
         wt = w.t().contiguous()
         words = _coin_words(rows * c, patches.device) if training else None
-        out = patches.new_empty(batch, length // 2, c)
+        out = patches.new_empty(batch, half + 2 * pad, c)
+        core = out[:, pad : pad + half]
         buf = patches.new_empty(min(per_tile, batch) * length, c)
         for a in range(0, batch, per_tile):
             kept = _LinearReluDropoutPool2._kept(patches, wt, words, a, min(a + per_tile, batch), length, buf)
-            out[a : a + per_tile] = _pair_sum(kept, 1)
+            torch.add(*_pairs(kept, 1), out=core[a : a + per_tile])
+        if not training:
+            core.mul_(0.5)
+        if pad:
+            out[:, :pad] = core[:, :1]
+            out[:, pad + half :] = core[:, -1:]
         ctx.save_for_backward(patches, wt, words)
-        ctx.training, ctx.length, ctx.per_tile = training, length, per_tile
-        return out if training else out.mul_(0.5)
+        ctx.training, ctx.length, ctx.per_tile, ctx.pad = training, length, per_tile, pad
+        return out
 
     @staticmethod
     def _kept(patches, wt, words, a: int, b: int, length: int, buf: torch.Tensor) -> torch.Tensor:
@@ -166,19 +181,25 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[1]:
-            return None, None, None, None
+            return None, None, None, None, None
         patches, wt, words = ctx.saved_tensors
-        length, per_tile = ctx.length, ctx.per_tile
-        batch, c = patches.shape[0] // length, wt.shape[1]
-        grad = grad if ctx.training else grad * 0.5
+        length, per_tile, pad = ctx.length, ctx.per_tile, ctx.pad
+        batch, c, half = patches.shape[0] // length, wt.shape[1], length // 2
+        scale = 1.0 if ctx.training else 0.5
+        first = grad[:, : pad + 1].sum(1) if pad else None  # the padding's gradients fold onto the edges
+        last = grad[:, pad + half - 1 :].sum(1) if pad else None
         grad_w = patches.new_zeros(c, patches.shape[1])
         buf = patches.new_empty(min(per_tile, batch) * length, c)
         for a in range(0, batch, per_tile):
             b = min(a + per_tile, batch)
+            g = grad[a:b, pad : pad + half] * scale  # a tile-sized copy
+            if pad:
+                g[:, 0] = first[a:b] * scale
+                g[:, -1] = last[a:b] * scale
             kept = _LinearReluDropoutPool2._kept(patches, wt, words, a, b, length, buf)
-            gz = _pair_backward(grad[a:b], kept, 1)
+            gz = _pair_backward(g, kept, 1)
             grad_w.addmm_(gz.reshape(-1, c).t(), patches[a * length : b * length])
-        return None, grad_w, None, None
+        return None, grad_w, None, None, None
 
 
 def _avg_pool(x: torch.Tensor, window: int, ceil: bool = False) -> torch.Tensor:
@@ -247,17 +268,16 @@ class _Conv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(m, c_out))
         self.bn = _BN((m, c_out))
 
-    def forward(self, x: torch.Tensor, training: bool, members: slice) -> torch.Tensor:
-        """x: (B, L, k * c_in) -> pool2(dropout(relu(bn(conv(x))))) as (B, L / 2, k * c_out).
+    def forward(self, padded: torch.Tensor, training: bool, members: slice) -> torch.Tensor:
+        """padded: (B, L + 4, k * c_in), replicate-padded by the layer before ->
+        pool2(dropout(relu(bn(conv(x))))) as (B, L / 2, k * c_out).
 
         Steps-major ("NWC") layout throughout: oneDNN's grouped convolution runs ~1.7x faster
         on channels-last tensors, and batch norm on (B * L, channels) rows is vectorised.
         """
         w = self.weight[members]
         k = w.shape[0]
-        b, length, _ = x.shape
-        edge = KERNEL // 2
-        padded = torch.cat([x[:, :1]] * edge + [x] + [x[:, -1:]] * edge, dim=1)  # replicate padding
+        b, length = padded.shape[0], padded.shape[1] - 2 * (KERNEL // 2)
         x4 = padded.permute(0, 2, 1).unsqueeze(2)  # (B, k*c_in, 1, L+4), channels-last strides
         w4 = w.flatten(0, 1).unsqueeze(2).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x4, w4, self.bias[members].flatten(), groups=k)  # (B, k*c_out, 1, L)
@@ -325,7 +345,7 @@ class _SharedConv(_Conv):
     ) -> torch.Tensor:
         """patches (B * L, c_in * K + 1); stats (mu, Sigma, n) of the windows in training mode, else None.
 
-        Returns pool(dropout(relu(bn(conv)))) as (B, L / 2, k * c_out).
+        Returns pool(dropout(relu(bn(conv)))) replicate-padded for the next convolution: (B, L / 2 + 4, k * c_out).
         """
         w = self.weight[members].flatten(2).flatten(0, 1)  # (k * c_out, c_in * K)
         b = self.bias[members].flatten()
@@ -344,7 +364,7 @@ class _SharedConv(_Conv):
             mean, var = bn.running_mean[members].flatten(), bn.running_var[members].flatten()
         scale = gamma * torch.rsqrt(var + _BN_EPS)
         fused = torch.cat((w * scale[:, None], ((b - mean) * scale + beta)[:, None]), dim=1)
-        return _LinearReluDropoutPool2.apply(patches, fused, length, training)  # (B, L/2, k*c_out)
+        return _LinearReluDropoutPool2.apply(patches, fused, length, training, KERNEL // 2)  # (B, L/2 + 4, k*c_out)
 
     @staticmethod
     def patches(series: torch.Tensor, training: bool):
@@ -415,10 +435,9 @@ class _WidthGroup(nn.Module):
             y = self._lbr(y, blk["linear3"], blk["bn3"])
             x = torch.cat((y, x), dim=2)
             n_done = sum(d == k + 1 for d in self.depths)
-            if n_done:
-                done = x[:n_done]
+            if n_done:  # split, not two slices: its backward is one concatenation, not zero-filled copies
+                done, x = x.split([n_done, x.shape[0] - n_done])
                 finished.append(F.pad(done, (self.max_in - done.shape[2], 0)))
-                x = x[n_done:]
         z = torch.cat(finished, dim=0)  # (g, B, max_in), zero-padded at the front
         f = F.relu(self.fc(z))
         g, b, c = f.shape
@@ -477,12 +496,10 @@ class StackedEnsemble(nn.Module):
         base = torch.cat((shared.unsqueeze(1).expand(b, m, shared.shape[1]), conv), dim=2)
         base = self.norm(base.reshape(b, -1)).view(b, m, self.n_in).transpose(0, 1)  # (m, B, n_in)
         outs, feats = [], []
-        start = 0
-        for size, group in zip(self.group_sizes, self.groups):
-            y, f = group(base[start : start + size])
+        for part, group in zip(base.split(self.group_sizes), self.groups):
+            y, f = group(part)
             outs.append(y)
             feats.append(f)
-            start += size
         y, f = torch.cat(outs, dim=0), torch.cat(feats, dim=0)
         if internal_order:
             return y, f
