@@ -41,6 +41,7 @@ import pandas as pd
 from msda.errors import MsdaError
 from msda.grids import CRS, EASE2_UL_X, EASE2_UL_Y, GRID_9KM, GRID_50M
 from msda.io import atomic_path
+from msda.runtime import release_memory
 from msda.schema import FeatureSchema
 
 NODATA, OUT_OF_RANGE, OUT_OF_TRAINING = 1, 2, 4
@@ -302,20 +303,6 @@ def _open_folder(path: Path, schema: FeatureSchema) -> Stack:
 _PREDICT_LOCK = threading.Lock()  # one prediction at a time per process: torch uses every core
 
 
-@functools.lru_cache(maxsize=1)
-def _libc_trim():
-    """glibc's ``malloc_trim`` or None: freed block buffers go back to the OS (Dask's advice for
-    threaded workers, whose per-thread malloc arenas otherwise keep them), so that memory stays
-    flat however many blocks a process maps."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
 @functools.lru_cache(maxsize=2)
 def _engine(weights: str, device: str, compile: bool = False):
     """The fused ensemble of ``weights``, built once per process (each Dask worker has its own)."""
@@ -396,8 +383,7 @@ def map_block(
     group["sm_mean"][t, y0:y1, x0:x1] = mean.reshape(shape)
     group["sm_std"][t, y0:y1, x0:x1] = std.reshape(shape)
     group["mask"][t, y0:y1, x0:x1] = mask.reshape(shape)
-    if (trim := _libc_trim()) is not None:
-        trim(0)
+    release_memory()
     return {
         "t": t, "pixels": len(mean), "predicted": int(ok.sum()), "nodata": int(nodata.sum()),
         "out_of_range": int(((mask & OUT_OF_RANGE) > 0).sum()), "out_of_training": int(((mask & OUT_OF_TRAINING) > 0).sum()),

@@ -25,6 +25,8 @@ from msda.io import atomic_path
 from msda.model import KERNEL, POOL_WINDOWS, DenseSM, DenseSME
 from msda.tables import iter_feature_chunks
 
+assert POOL_WINDOWS[:2] == (2, 2), "the fused convolutions pool pairs (their 1/2 is folded into the weights)"
+
 
 @dataclass
 class Prediction:
@@ -118,7 +120,7 @@ def _grouped_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gro
 
 
 class FusedEnsemble:
-    """Inference-only DenseSM-E: folded BatchNorms, all members' convolutions as batched GEMMs.
+    """Inference-only DenseSM-E: folded BatchNorms, all members' convolutions at once.
 
     Convolutions run steps-major ("channels-last"): the first (shared input) as one GEMM over
     all members, the next two as grouped convolutions (one group per member). The factor 1/2 of
@@ -126,8 +128,9 @@ class FusedEnsemble:
     in floating point), so that pooling is one addition of two strided views. They run on
     sub-batches of ``conv_batch`` samples, small enough to stay in cache; the dense part runs
     on the whole batch.
-    ``compile=True`` fuses the convolution stage with ``torch.compile`` (a one-off compilation
-    of some seconds that pays for large tables and maps; needs a C++ compiler on CPU).
+    ``compile=True`` runs the convolution stage through ``torch.compile`` (a one-off compilation
+    of some seconds; needs a C++ compiler on CPU). Since the grouped convolutions it brought
+    nothing on the 2-core CPU (README); it is kept for GPUs and larger CPUs.
     """
 
     def __init__(
@@ -153,8 +156,7 @@ class FusedEnsemble:
                 folded.append((torch.cat([p[0] for p in pairs]).detach(), torch.cat([p[1] for p in pairs]).detach()))
             (w1, b1), (w2, b2), (w3, b3) = folded
             self.c1 = w1.shape[0] // m
-            half = 1.0 / POOL_WINDOWS[0]  # the first two poolings average pairs
-            assert POOL_WINDOWS[:2] == (2, 2)
+            half = 0.5  # the first two poolings average pairs
             # conv1: (M*C1, S, K) -> (S*K + 1, M*C1), rows ordered (channel, tap) as unfold gives them
             # (bias as the last row)
             self.w1 = (torch.cat((w1.reshape(m * self.c1, -1).t(), b1[None]), 0) * half).contiguous().to(self.device)

@@ -1,4 +1,4 @@
-"""Process settings that make CPU training fast.
+"""Process settings that make CPU training and prediction fast, and memory flat.
 
 PyTorch allocates each large activation with ``malloc``; glibc serves blocks above its mmap
 threshold (128 KiB by default, adapting up to 32 MiB) with fresh ``mmap`` pages and gives
@@ -19,18 +19,37 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_memory() -> bool:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; False off glibc).
+
+    Called after each map block: threads' malloc arenas otherwise keep every block's buffers
+    (Dask's advice for threaded workers), so memory would grow with the number of blocks.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 def tune_allocator() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (idempotent; False off glibc)."""
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     ok = bool(mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024))  # glibc's maximum
     ok &= bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
