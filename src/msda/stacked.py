@@ -151,7 +151,8 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
     def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool, pad: int = 0):
         rows, c = patches.shape[0], w.shape[0]
         batch, half = rows // length, length // 2
-        per_tile = max(2, TILE_BYTES // (4 * c * length) // 2 * 2)  # even: tiles start on whole mask words
+        # even: tiles start on whole mask words; a GPU has no use for cache-sized tiles
+        per_tile = max(2, batch) if patches.is_cuda else max(2, TILE_BYTES // (4 * c * length) // 2 * 2)
         wt = w.t().contiguous()
         words = _coin_words(rows * c, patches.device) if training else None
         out = patches.new_empty(batch, half + 2 * pad, c)
