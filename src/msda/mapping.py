@@ -523,12 +523,12 @@ def make_map(
         task = dask.delayed(map_block, pure=False)
         jobs = [task(stack, weights, device, str(store), *b, ranges=ranges, compile=compile)
                 for b in blocks(stack, chunks)]
-        t0 = time.perf_counter()
         if workers is None:  # on CPU PyTorch takes every core for each block: one block at a time keeps
             # memory flat, and reading is ~3 % of the time; a GPU predicts while the CPU reads the next
             from msda.predict import _resolve_device
 
             workers = 2 if _resolve_device(device).type == "cuda" else 1
+        t0 = time.perf_counter()
         results = _run_tasks(jobs, scheduler, workers, progress)
         seconds = time.perf_counter() - t0
         summary = _summary(stack, results, seconds, meta)

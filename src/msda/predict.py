@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from msda.errors import MsdaError
 from msda.io import atomic_path
 from msda.model import KERNEL, POOL_WINDOWS, DenseSM, DenseSME
+from msda.stacked import _pair_sum
 from msda.tables import iter_feature_chunks
 
 assert POOL_WINDOWS[:2] == (2, 2), "the fused convolutions pool pairs (their 1/2 is folded into the weights)"
@@ -102,12 +103,6 @@ def _replicate_pad(x: torch.Tensor, dim: int, pad: int = KERNEL // 2) -> torch.T
     return torch.cat((*[first] * pad, x, *[last] * pad), dim=dim)
 
 
-def _pair_sum(h: torch.Tensor) -> torch.Tensor:
-    """Sum of neighbouring steps of (batch, steps, channels), floor mode, from two strided views."""
-    n = h.shape[1] // 2 * 2
-    return h[:, 0:n:2] + h[:, 1:n:2]
-
-
 def _grouped_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
     """relu(conv1d) of every member, (batch, steps, members * c_in) -> (batch, steps, members * c_out).
 
@@ -175,8 +170,8 @@ class FusedEnsemble:
         cols = series.new_ones(b * self.length, self.w1.shape[0])  # the last column multiplies the bias
         cols[:, :-1] = windows.reshape(b * self.length, -1)
         h = torch.mm(cols, self.w1).relu_()  # (addmm would first copy the bias into every row)
-        h = _pair_sum(h.view(b, self.length, m * self.c1))
-        h = _pair_sum(_grouped_conv(h, self.kernels[0], self.kernel_bias[0], m))  # conv2, pool
+        h = _pair_sum(h.view(b, self.length, m * self.c1), 1)
+        h = _pair_sum(_grouped_conv(h, self.kernels[0], self.kernel_bias[0], m), 1)  # conv2, pool
         h = _grouped_conv(h, self.kernels[1], self.kernel_bias[1], m)  # conv3: (b, L2, m*c3)
         w = POOL_WINDOWS[2]  # ceil-mode average pooling
         pooled = torch.stack([h[:, s : s + w].mean(1) for s in range(0, h.shape[1], w)], dim=2)  # (b, m*c3, L3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -19,7 +20,9 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
+    """The C library, loaded once: ``find_library`` runs ``ldconfig`` in a subprocess."""
     if not sys.platform.startswith("linux"):
         return None
     try:
