@@ -1,10 +1,12 @@
 """25-member DenseSM-E inference throughput on CPU, as a fraction of the compute bound.
 
 Prints, in one run: the SGEMM rate of this machine, the multiply-adds of one sample through
-the 25 members (counted from the layers), our fused predictor, the plain PyTorch module, and
-optionally the authors' DWN modules (``--reference DIR``, a checkout of rszlj/Transfer-DenseSM-E).
+the 25 members (counted from the layers), our fused predictor (convolution stage in C, the
+default on CPU; and in PyTorch, eager and compiled), the plain PyTorch module, and optionally
+the authors' DWN modules (``--reference DIR``, a checkout of rszlj/Transfer-DenseSM-E). The
+contenders run in turns (``--rounds``), so that the machine's changing speed hits them alike.
 
-    python benchmarks/predict.py [--seconds 5] [--batch 4096] [--reference /tmp/ref]
+    python benchmarks/predict.py [--seconds 5] [--rounds 5] [--batch 4096] [--reference /tmp/ref]
 """
 
 from __future__ import annotations
@@ -52,6 +54,22 @@ def rate(fn, x: torch.Tensor, seconds: float) -> float:
     return n / (time.perf_counter() - t)
 
 
+def rates_in_turns(fns: dict, x: torch.Tensor, seconds: float, rounds: int) -> dict[str, float]:
+    """Samples per second of each function, run in turns for ``seconds`` in all each."""
+    done = {k: [0, 0.0] for k in fns}
+    for k, fn in fns.items():
+        fn(x)  # warm-up
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t, n = time.perf_counter(), 0
+            while time.perf_counter() - t < seconds / rounds:
+                fn(x)
+                n += x.shape[0]
+            done[k][0] += n
+            done[k][1] += time.perf_counter() - t
+    return {k: n / s for k, (n, s) in done.items()}
+
+
 def reference_fn(ref_dir: str, e: DenseSME):
     """The authors' DWN modules with our weights; their input step (series means) in numpy."""
     sys.path.insert(0, ref_dir)
@@ -75,7 +93,8 @@ def reference_fn(ref_dir: str, e: DenseSME):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per contender, over all rounds")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--reference", default=None, help="checkout of rszlj/Transfer-DenseSM-E")
     args = ap.parse_args()
@@ -89,23 +108,29 @@ def main() -> None:
     print(f"compute bound: {bound:,.0f} samples/s at the measured SGEMM rate; issue's figure {ISSUE_BOUND:,}")
 
     engine = FusedEnsemble(e)
-    results = {"msda fused": rate(lambda b: predict(engine, b, batch_size=args.batch), x, args.seconds)}
+    pytorch_convs = FusedEnsemble(e, native=False)
     t0 = time.perf_counter()
     compiled = FusedEnsemble(e, compile=True)
     predict(compiled, x[:1])
-    print(f"torch.compile of the convolution stage: {time.perf_counter() - t0:.1f} s (once)")
-    results["msda fused+compile"] = rate(lambda b: predict(compiled, b, batch_size=args.batch), x, args.seconds)
+    print(f"torch.compile of the PyTorch convolution stage: {time.perf_counter() - t0:.1f} s (once)")
+    print(f"convolution stage in C: {'yes' if engine.native is not None else 'no (no C compiler)'}")
 
     def plain(b):
         with torch.inference_mode():
             return e(b)
 
-    results["plain nn.Module"] = rate(plain, x, args.seconds)
+    fns = {
+        "msda fused": lambda b: predict(engine, b, batch_size=args.batch),
+        "msda fused, PyTorch convs": lambda b: predict(pytorch_convs, b, batch_size=args.batch),
+        "msda fused+compile": lambda b: predict(compiled, b, batch_size=args.batch),
+        "plain nn.Module": plain,
+    }
     if args.reference:
-        results["authors' DWN"] = rate(reference_fn(args.reference, e), x, args.seconds)
+        fns["authors' DWN"] = reference_fn(args.reference, e)
+    results = rates_in_turns(fns, x, args.seconds, args.rounds)
     for name, r in results.items():
         print(
-            f"{name:>16}: {r:9,.0f} samples/s = {r / ISSUE_BOUND:5.1%} of the issue's bound, "
+            f"{name:>26}: {r:9,.0f} samples/s = {r / ISSUE_BOUND:5.1%} of the issue's bound, "
             f"{r / bound:5.1%} of the measured bound"
         )
     base = results["msda fused"]

@@ -16,12 +16,13 @@ def test_fused_equals_module(full_ensemble):
     x = torch.rand(300, 153)
     with torch.no_grad():
         ref = full_ensemble.member_outputs(x)
-    for conv_batch in (1, 7, 128, 1000):
-        got = FusedEnsemble(full_ensemble, conv_batch=conv_batch).member_outputs(x)
+    torch.testing.assert_close(FusedEnsemble(full_ensemble).member_outputs(x), ref, rtol=1e-5, atol=1e-5)
+    for conv_batch in (1, 7, 128, 1000):  # the PyTorch convolution stage
+        got = FusedEnsemble(full_ensemble, conv_batch=conv_batch, native=False).member_outputs(x)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("length", [30, 31])
+@pytest.mark.parametrize("length", [8, 30, 31, 70])
 def test_fused_custom_schema(length):
     d = DEFAULT_SCHEMA.to_dict()
     for s in d["series"]:
@@ -33,7 +34,9 @@ def test_fused_custom_schema(length):
     e.eval()
     x = torch.rand(50, schema.n_features)
     with torch.no_grad():
-        torch.testing.assert_close(FusedEnsemble(e).member_outputs(x), e.member_outputs(x), rtol=1e-5, atol=1e-5)
+        ref = e.member_outputs(x)
+    for native in (None, False):
+        torch.testing.assert_close(FusedEnsemble(e, native=native).member_outputs(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_predict_rows_gathers_without_copy(small_ensemble):

@@ -1,8 +1,9 @@
 """Batched DenseSM-E inference: ensemble mean, per-member predictions and member spread.
 
 Prediction runs through ``FusedEnsemble``, an eval-mode copy of the ensemble in which every
-BatchNorm is folded into the layer before or after it and the three convolutions of all
-members run as three grouped convolutions. It computes the same function as
+BatchNorm is folded into the layer before or after it. On CPU the convolution stage of all
+members runs in C, per sample and in cache (msda/native.py); elsewhere, or without a C
+compiler, as three grouped convolutions. It computes the same function as
 ``DenseSME.eval()`` (tested to float32 rounding) with far fewer, larger operations.
 """
 
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from msda import native
 from msda.errors import MsdaError
 from msda.io import atomic_path
-from msda.model import KERNEL, POOL_WINDOWS, DenseSM, DenseSME
+from msda.model import CONV_FILTERS, KERNEL, POOL_WINDOWS, DenseSM, DenseSME, pooled_length
 from msda.stacked import _pair_sum
 from msda.tables import iter_feature_chunks
 
@@ -126,6 +128,8 @@ class FusedEnsemble:
     ``compile=True`` runs the convolution stage through ``torch.compile`` (a one-off compilation
     of some seconds; needs a C++ compiler on CPU). Since the grouped convolutions it brought
     nothing on the 2-core CPU (README); it is kept for GPUs and larger CPUs.
+    ``native``: run the convolution stage in C (msda/native.py); None (default) does so on CPU
+    when the kernel builds and covers the architecture and ``compile`` is off, True insists.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class FusedEnsemble:
         device: str | torch.device = "cpu",
         conv_batch: int | None = None,
         compile: bool = False,
+        native: bool | None = None,
     ):
         self.device = torch.device(device)
         self.conv_batch = conv_batch or 64
@@ -161,6 +166,23 @@ class FusedEnsemble:
                 self.kernels.append((w * scale).unsqueeze(2).contiguous(memory_format=torch.channels_last).to(self.device))
                 self.kernel_bias.append((b * scale).to(self.device))
             self.dense = [_FusedMember(mb).to_device(self.device) for mb in members]
+        self.native = self._native_stage(native, compile)
+
+    def _native_stage(self, wanted: bool | None, compile: bool) -> native.ConvStage | None:
+        if wanted is False or (wanted is None and (compile or self.device.type != "cpu")):
+            return None
+        fits = self.device.type == "cpu" and native.supports(
+            self.n_series, self.length, (self.c1, *(k.shape[0] // self.n_members for k in self.kernels)), KERNEL,
+            POOL_WINDOWS,
+        )
+        lib = native.conv_stage_library() if fits else None
+        if lib is None:
+            if wanted:
+                raise MsdaError("the C convolution stage was asked for, but it needs a CPU device, the default "
+                                "architecture and a C compiler (see msda/native.py)")
+            return None
+        return native.ConvStage(lib, self.w1, self.kernels, self.kernel_bias, self.n_members, self.n_series,
+                                self.length, CONV_FILTERS[2] * pooled_length(self.length))
 
     def _conv_features(self, series: torch.Tensor) -> torch.Tensor:
         """Temporal features of every member: (batch, n_series, length) -> (batch, M, C3 * L3)."""
@@ -192,7 +214,10 @@ class FusedEnsemble:
             return torch.empty(0, self.n_members, device=x.device, dtype=x.dtype)
         scalars = x[:, : self.n_scalars]
         series = x[:, self.n_scalars :].reshape(b, self.n_series, self.length)
-        conv = torch.cat([self._conv_chunk(s) for s in series.split(self.conv_batch)])
+        if self.native is not None:
+            conv = self.native(x, self.n_scalars)
+        else:
+            conv = torch.cat([self._conv_chunk(s) for s in series.split(self.conv_batch)])
         shared = torch.cat((scalars, series.mean(dim=2)), dim=1)
         return self._dense_all(shared, conv)
 

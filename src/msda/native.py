@@ -1,0 +1,156 @@
+"""The C convolution stage of CPU inference (``_convstage.c``), built on first use.
+
+The three convolutions of a member, with their ReLUs and poolings, run per sample with every
+intermediate in L1 cache; PyTorch instead writes each stage of a whole batch to memory and
+reads it back (measured: 2.1x faster for the stage, benchmarks/predict.py). The source is
+compiled once per machine with the system's C compiler (``$CC``, else cc, gcc or clang;
+``-O3 -march=native``) into ``$MSDA_CACHE_DIR`` (default ``~/.cache/msda``), and called through
+ctypes, which releases the GIL, so threads split the samples. Without a compiler, or with
+``MSDA_NATIVE=0``, prediction uses the PyTorch operations instead: same results to float32
+rounding, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_convstage.c")
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+# the architecture the kernel is written for (model.py constants)
+FILTERS, KERNEL, POOLS = (32, 16, 4), 5, (2, 2, 4)
+MAX_SERIES, MIN_LENGTH, MAX_LENGTH = 8, 8, 256
+_P = ctypes.c_void_p
+_ARGTYPES = [_P, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P]
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$MSDA_CACHE_DIR``, else ``$XDG_CACHE_HOME/msda``."""
+    if os.environ.get("MSDA_CACHE_DIR"):
+        return Path(os.environ["MSDA_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msda"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and instruction sets: a library built with -march=native is only reused on
+    the same kind of CPU (a home directory shared by cluster nodes of several kinds)."""
+    text = platform.processor() + platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text += "".join(line for line in f if line.startswith(("model name", "flags", "Features")))
+    except OSError:
+        pass
+    return text
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str, target: Path) -> None:
+    """Compile to a temporary name in the cache, then rename (other processes may race us)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise OSError(f"{cc} failed on {SOURCE.name}: {res.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def conv_stage_library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (no compiler, ``MSDA_NATIVE=0``, or the build failed: warned once)."""
+    if os.environ.get("MSDA_NATIVE", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        warnings.warn("msda: no C compiler found (cc, gcc, clang or $CC); CPU prediction uses the slower PyTorch path",
+                      stacklevel=2)
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, FLAGS, _cpu_signature())).encode()).hexdigest()[:20]
+    target = cache_dir() / f"convstage-{key}.so"
+    try:
+        if not target.exists():
+            _build(cc, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"msda: could not build the C convolution stage ({exc}); CPU prediction uses the PyTorch path",
+                      stacklevel=2)
+        return None
+    fn = lib.msda_conv_stage
+    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    return lib
+
+
+def supports(n_series: int, length: int, filters: tuple, kernel: int, pools: tuple) -> bool:
+    """Whether the kernel computes this architecture (else the caller uses PyTorch)."""
+    return (
+        tuple(filters) == FILTERS and kernel == KERNEL and tuple(pools) == POOLS
+        and 1 <= n_series <= MAX_SERIES and MIN_LENGTH <= length <= MAX_LENGTH
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="msda-conv")
+
+
+class ConvStage:
+    """Temporal features of every member from raw rows of normalised inputs, in C.
+
+    Weights as FusedEnsemble folds them: ``w1`` (S*K + 1, M*32) with the bias as its last row,
+    ``kernels``/``biases`` of conv2 and conv3 as grouped Conv2d weights (M*O, C, 1, K).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, w1: torch.Tensor, kernels: list[torch.Tensor], biases: list[torch.Tensor],
+                 n_members: int, n_series: int, length: int, n_features: int):
+        m, k = n_members, KERNEL
+        c1, c2, c3 = FILTERS
+        self.fn = lib.msda_conv_stage
+        self.m, self.s, self.length, self.n_features = m, n_series, length, n_features
+        # (S*K + 1, M*C1) -> (M, S*K + 1, C1)
+        self.w1 = w1.reshape(-1, m, c1).permute(1, 0, 2).contiguous()
+        # (M*C2, C1, 1, K) -> (M, K, C1, C2): one row of C2 output weights per (tap, channel)
+        self.w2 = kernels[0].reshape(m, c2, c1, k).permute(0, 3, 2, 1).contiguous()
+        self.b2 = biases[0].contiguous()
+        self.w3 = kernels[1].reshape(m, c3, c2, k).contiguous()  # as Conv1d stores it
+        self.b3 = biases[1].contiguous()
+
+    def _run(self, x: torch.Tensor, offset: int, lo: int, hi: int, out: torch.Tensor) -> None:
+        rc = self.fn(
+            x.data_ptr() + lo * x.stride(0) * 4, x.stride(0), offset, hi - lo, self.s, self.length, self.m,
+            self.w1.data_ptr(), self.w2.data_ptr(), self.b2.data_ptr(), self.w3.data_ptr(), self.b3.data_ptr(),
+            out.data_ptr() + lo * self.m * self.n_features * 4,
+        )
+        if rc != 0:
+            raise RuntimeError(f"msda_conv_stage refused n_series={self.s}, length={self.length}")
+
+    def __call__(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """x (n, n_inputs) float32 on CPU, the series from column ``offset``; -> (n, M, 4 * L3)."""
+        if x.dtype != torch.float32 or x.stride(-1) != 1:
+            x = x.to(torch.float32).contiguous()
+        n = x.shape[0]
+        out = torch.empty(n, self.m, self.n_features)
+        threads = max(1, min(torch.get_num_threads(), n // 16))
+        if threads == 1:
+            self._run(x, offset, 0, n, out)
+            return out
+        bounds = [n * i // threads for i in range(threads + 1)]
+        list(_pool(threads).map(lambda i: self._run(x, offset, bounds[i], bounds[i + 1], out), range(threads)))
+        return out

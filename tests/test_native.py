@@ -1,0 +1,96 @@
+import ctypes
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from msda import native
+from msda.errors import MsdaError
+from msda.predict import FusedEnsemble, predict
+
+needs_cc = pytest.mark.skipif(native._compiler() is None, reason="needs a C compiler")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty kernel cache, and no library remembered from other tests."""
+    monkeypatch.setenv("MSDA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MSDA_NATIVE", raising=False)
+    native.conv_stage_library.cache_clear()
+    yield tmp_path / "cache"
+    native.conv_stage_library.cache_clear()
+
+
+@needs_cc
+def test_builds_into_cache_and_is_used(fresh_cache, full_ensemble):
+    lib = native.conv_stage_library()
+    assert isinstance(lib, ctypes.CDLL)
+    built = list(fresh_cache.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("convstage-") and built[0].suffix == ".so"
+    assert FusedEnsemble(full_ensemble).native is not None  # the default on CPU
+    assert FusedEnsemble(full_ensemble, native=False).native is None
+    assert FusedEnsemble(full_ensemble, compile=True).native is None  # compile keeps the PyTorch stage
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 17, 333])
+def test_conv_stage_equals_pytorch_stage(full_ensemble, n):
+    """Strided rows (a column slice of a wider array), several thread splits, odd sizes."""
+    wide = torch.rand(n, 160)
+    x = wide[:, 3:156]
+    c = FusedEnsemble(full_ensemble, native=True)
+    t = FusedEnsemble(full_ensemble, native=False)
+    got = c.native(x, c.n_scalars)
+    series = x[:, c.n_scalars :].reshape(n, c.n_series, c.length)
+    with torch.inference_mode():
+        ref = t._conv_features(series.contiguous())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    p1 = predict(c, x.contiguous().numpy(), batch_size=100)
+    p2 = predict(t, x.contiguous().numpy(), batch_size=100)
+    np.testing.assert_allclose(p1.members, p2.members, rtol=1e-5, atol=1e-6)
+
+
+@needs_cc
+def test_threads_split_samples(full_ensemble, monkeypatch):
+    x = torch.rand(200, 153)
+    c = FusedEnsemble(full_ensemble, native=True)
+    two = c.native(x, c.n_scalars)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = c.native(x, c.n_scalars)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+def test_disabled_by_environment(fresh_cache, monkeypatch, full_ensemble):
+    monkeypatch.setenv("MSDA_NATIVE", "0")
+    assert native.conv_stage_library() is None
+    assert FusedEnsemble(full_ensemble).native is None
+    with pytest.raises(MsdaError, match="C convolution stage"):
+        FusedEnsemble(full_ensemble, native=True)
+
+
+def test_no_compiler_warns_and_falls_back(fresh_cache, monkeypatch, full_ensemble):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert native.conv_stage_library() is None
+    x = torch.rand(20, 153)
+    with torch.no_grad():
+        ref = full_ensemble.member_outputs(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(FusedEnsemble(full_ensemble).member_outputs(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_build_leaves_nothing(fresh_cache, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="could not build"):
+        assert native.conv_stage_library() is None
+    assert not fresh_cache.exists() or not list(fresh_cache.iterdir())
+
+
+def test_supports_only_its_architecture():
+    assert native.supports(3, 46, (32, 16, 4), 5, (2, 2, 4))
+    assert not native.supports(3, 46, (32, 16, 8), 5, (2, 2, 4))
+    assert not native.supports(3, 46, (32, 16, 4), 3, (2, 2, 4))
+    assert not native.supports(9, 46, (32, 16, 4), 5, (2, 2, 4))
+    assert not native.supports(3, 7, (32, 16, 4), 5, (2, 2, 4))
