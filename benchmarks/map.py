@@ -4,7 +4,9 @@ Prints, in one run: the compute bound of this machine (SGEMM rate / multiply-add
 as benchmarks/predict.py counts them), the fused predictor on random inputs (no I/O), then
 ``msda map`` over a scene and over one 4 times larger, each in its own process: pixels per
 second of the mapping tasks (reading windows, features, prediction, Zarr writes) as a fraction
-of the bound, the whole command's time (COGs and previews too) and its peak resident memory.
+of the bound, the whole command's time (COGs and previews too) and its peak resident memory;
+each scene once with the convolution stage in C (the default on CPU) and once in PyTorch
+(``MSDA_NATIVE=0``), for a side-by-side ratio.
 
     python benchmarks/map.py [--cells 1x2] [--dates 2] [--chunks 256] [--workdir DIR]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,16 +60,16 @@ elif mode == "predict":
 else:
     from msda.mapping import make_map
     t0 = time.perf_counter()
-    s = make_map(sys.argv[2], sys.argv[3], sys.argv[4], chunks=int(sys.argv[5]), progress=False,
-                 compile=sys.argv[6] == "1")
+    s = make_map(sys.argv[2], sys.argv[3], sys.argv[4], chunks=int(sys.argv[5]), progress=False)
     print(json.dumps({"pixels": s["pixels"], "map_s": s["seconds"], "total_s": time.perf_counter() - t0,
-                      "peak_mb": peak_mb(), "stages": s["task_seconds"]}))
+                      "peak_mb": peak_mb(), "stages": s["task_seconds"], "conv_stage": s["conv_stage"]}))
 """
 
 
-def child(*args) -> dict:
+def child(*args, env: dict | None = None) -> dict:
     """Run one measurement in a fresh process (its memory and threads its own)."""
-    res = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True, check=False)
+    res = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], capture_output=True, text=True, check=False,
+                         env=None if env is None else {**os.environ, **env})
     if res.returncode != 0:
         raise SystemExit(res.stderr)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -101,18 +104,22 @@ def main() -> None:
             t0 = time.perf_counter()
             child("scene", path, f"{shape[0]}x{shape[1]}", args.dates)
             print(f"generated {path.name} in {time.perf_counter() - t0:.0f} s")
-        for compile in (False, True):
-            label = name + (" --compile" if compile else "")
-            r = child("map", weights, path, work / f"map_{len(results)}", args.chunks, int(compile))
+        for c_stage in (True, False):
+            label = name + ("" if c_stage else ", PyTorch convs")
+            r = child("map", weights, path, work / f"map_{len(results)}", args.chunks,
+                      env=None if c_stage else {"MSDA_NATIVE": "0"})
             pps = r["pixels"] / r["map_s"]
             results[label] = r
-            print(f"{label:>18}: {shape[0]}x{shape[1]} cells of 9 km, {args.dates} dates, {r['pixels']:,} pixel-dates: "
+            print(f"{label:>24}: {shape[0]}x{shape[1]} cells of 9 km, {args.dates} dates, {r['pixels']:,} pixel-dates: "
                   f"mapping {r['map_s']:.1f} s = {pps:,.0f} pixels/s = {pps / bound:.1%} of the measured bound, "
                   f"{pps / ISSUE_BOUND:.1%} of the issue's; whole command {r['total_s']:.1f} s; "
-                  f"peak memory {r['peak_mb']:,.0f} MB; task seconds {r['stages']}")
+                  f"peak memory {r['peak_mb']:,.0f} MB; task seconds {r['stages']}; convolutions in {r['conv_stage']}")
     a, b = results["scene"], results["4x scene"]
-    print(f"peak memory 4x scene / scene (no compile): {b['peak_mb'] / a['peak_mb']:.2f} (goal <= 1.20)")
-    print(f"mapping rate / fused predictor rate (4x scene, no compile): {b['pixels'] / b['map_s'] / raw:.2f}")
+    print(f"peak memory 4x scene / scene: {b['peak_mb'] / a['peak_mb']:.2f} (goal <= 1.20)")
+    print(f"mapping rate / fused predictor rate (4x scene): {b['pixels'] / b['map_s'] / raw:.2f}")
+    for name in ("scene", "4x scene"):
+        c, t = results[name], results[name + ", PyTorch convs"]
+        print(f"{name}: convolutions in C / in PyTorch: {t['map_s'] / c['map_s']:.2f}x")
 
 if __name__ == "__main__":
     main()

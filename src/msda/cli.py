@@ -55,7 +55,7 @@ def predict(
     chunk_rows: int = typer.Option(200_000, min=1, help="Rows read at a time (bounds memory)."),
     members: bool = typer.Option(True, "--members/--no-members", help="Write each member's prediction."),
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the convolutions (pays on large tables)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (GPU; on CPU the default C stage is faster)."),
 ) -> None:
     """Predict soil moisture (m3/m3): ensemble mean, member spread and per-member values."""
     from msda.predict import predict_table
@@ -608,7 +608,7 @@ def map_(
     cells: str = typer.Option("2x2", help="With --inputs demo: rows x columns of 9 km cells."),
     dates: int = typer.Option(3, min=1, help="With --inputs demo: Sentinel-1 dates."),
     seed: int = typer.Option(0, help="With --inputs demo: seed of the scene."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the convolutions (pays on large maps)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (GPU; on CPU the default C stage is faster)."),
 ) -> None:
     """Map 50 m soil moisture: ensemble mean, member spread and a mask per date (Zarr, COG, PNG)."""
     from msda.mapping import make_map

@@ -389,6 +389,7 @@ def map_block(
         "out_of_range": int(((mask & OUT_OF_RANGE) > 0).sum()), "out_of_training": int(((mask & OUT_OF_TRAINING) > 0).sum()),
         "sum_mean": float(np.nansum(mean)), "sum_std": float(np.nansum(std)),
         "min": float(np.nanmin(mean)) if ok.any() else np.nan, "max": float(np.nanmax(mean)) if ok.any() else np.nan,
+        "conv_stage": "C" if engine.native is not None else "PyTorch",
         "seconds": time.perf_counter() - start, "load_s": t_read - start, "read_s": t_wait - t_read,
         "wait_s": t_pred - t_wait, "predict_s": t_write - t_pred, "write_s": time.perf_counter() - t_write,
     }
@@ -491,7 +492,8 @@ def make_map(
 
     ``inputs="demo"`` first writes a synthetic scene (``msda.simulate.scene``, settings ``scene``)
     into ``out/scene.zarr`` and compares the map with its true soil moisture. ``compile``:
-    torch.compile the convolutions in each process (a one-off cost that pays on large maps).
+    torch.compile the PyTorch convolutions in each process instead of running them in C (for GPUs;
+    on CPU the C stage is faster, see predict.FusedEnsemble).
     """
     import dask
 
@@ -561,6 +563,7 @@ def _summary(stack: Stack, results: list[dict], seconds: float, meta: dict) -> d
     stages = {k[:-2]: round(float(frame[k].sum()), 3) for k in ("load_s", "read_s", "wait_s", "predict_s", "write_s")}
     return {"dates": dates, "pixels": pixels, "blocks": len(frame), "seconds": round(seconds, 3),
             "task_seconds": stages,
+            "conv_stage": sorted(set(frame["conv_stage"])),  # C (msda/native.py) or PyTorch, per worker
             "pixels_per_s": round(pixels / seconds, 1) if seconds > 0 else None,
             "shape": [len(stack.times), stack.height, stack.width],
             "row0_50m": stack.row0, "col0_50m": stack.col0, "provenance": meta}
