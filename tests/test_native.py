@@ -94,3 +94,4 @@ def test_supports_only_its_architecture():
     assert not native.supports(3, 46, (32, 16, 4), 3, (2, 2, 4))
     assert not native.supports(9, 46, (32, 16, 4), 5, (2, 2, 4))
     assert not native.supports(3, 7, (32, 16, 4), 5, (2, 2, 4))
+

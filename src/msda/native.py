@@ -107,7 +107,8 @@ def supports(n_series: int, length: int, filters: tuple, kernel: int, pools: tup
 
 
 @functools.lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """Threads for the samples; keyed by process id, since a forked child has none of its parent's."""
     return ThreadPoolExecutor(threads, thread_name_prefix="msda-conv")
 
 
@@ -152,5 +153,5 @@ class ConvStage:
             self._run(x, offset, 0, n, out)
             return out
         bounds = [n * i // threads for i in range(threads + 1)]
-        list(_pool(threads).map(lambda i: self._run(x, offset, bounds[i], bounds[i + 1], out), range(threads)))
+        list(_pool(threads, os.getpid()).map(lambda i: self._run(x, offset, bounds[i], bounds[i + 1], out), range(threads)))
         return out
