@@ -2,7 +2,8 @@
 
 The three convolutions of a member, with their ReLUs and poolings, run per sample with every
 intermediate in L1 cache; PyTorch instead writes each stage of a whole batch to memory and
-reads it back (measured: 2.1x faster for the stage, benchmarks/predict.py). The source is
+reads it back (measured on 2 cores: 2.1x for the stage alone, 1.7x for the whole predictor in
+benchmarks/predict.py). The source is
 compiled once per machine with the system's C compiler (``$CC``, else cc, gcc or clang;
 ``-O3 -march=native``) into ``$MSDA_CACHE_DIR`` (default ``~/.cache/msda``), and called through
 ctypes, which releases the GIL, so threads split the samples. Without a compiler, or with
