@@ -31,7 +31,8 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 #ifndef T2
 #define T2 12 /* conv2 steps per register block (12 accumulators), even: pools pairs */
 #endif
-#define MAXL 256
+#define MAXL 256 /* longest series (native.MAX_LENGTH) */
+#define MAXS 8   /* most series (native.MAX_SERIES) */
 
 static inline v16 load(const float *p) { return *(const v16u *)p; }
 static inline void store(float *p, v16 v) { *(v16u *)p = v; }
@@ -45,13 +46,12 @@ int msda_conv_stage(const float *x, long row_stride, long offset, long n, int S,
     const int L1 = L / 2, L2 = L1 / 2, L3 = (L2 + 3) / 4;
     const int L1c = ((L + T1 - 1) / T1) * T1;   /* conv1 steps computed (multiple of T1) */
     const int L2c = ((2 * L2 + T2 - 1) / T2) * T2; /* conv2 steps the pool keeps, rounded up */
-    if (L > MAXL || L < 8 || S * K + 1 > 64) return -1;
+    if (L > MAXL || L < 8 || S < 1 || S > MAXS) return -1;
     const int nfeat = C3 * L3;
-    float xp[8][MAXL + 2 * P + T1];            /* padded series of one sample */
+    float xp[MAXS][MAXL + 2 * P + T1];         /* padded series of one sample */
     float h1[(MAXL / 2 + 2 * P + T2) * C1];    /* pooled conv1, step-major, padded */
     float h2t[C2][MAXL / 4 + 2 * P + 16];      /* pooled conv2, channel-major, padded */
     float acc1[T1][C1] __attribute__((aligned(64)));
-    if (S > 8) return -1;
     for (long b = 0; b < n; ++b) {
         const float *xs = x + b * row_stride + offset;
         for (int s = 0; s < S; ++s) {
@@ -112,7 +112,7 @@ int msda_conv_stage(const float *x, long row_stride, long offset, long n, int S,
             }
             for (int c = 0; c < C2; ++c) {
                 for (int t = 0; t < P; ++t) h2t[c][t] = h2t[c][P];
-                for (int t = P + L2; t < L2 + 2 * P + 16 && t < MAXL / 4 + 2 * P + 16; ++t) h2t[c][t] = h2t[c][P + L2 - 1];
+                for (int t = P + L2; t < L2 + 2 * P + 16; ++t) h2t[c][t] = h2t[c][P + L2 - 1];
             }
             /* conv3: lanes are output steps; 4 output channels */
             float *o = out + (b * M + m) * nfeat;

@@ -605,17 +605,17 @@ def _write_cog(ds, t: int, day: pd.Timestamp, var: str, folder: Path, chunks: in
     import rasterio.shutil
     from rasterio.windows import Window
 
-    x, y = ds["x"].to_numpy(), ds["y"].to_numpy()
+    width, height = ds.sizes["x"], ds.sizes["y"]
     da = ds[var]
     dtype = "uint8" if var == "mask" else "float32"
     plain = folder / f".{var}_{day.date()}.plain.tif"
-    profile = dict(driver="GTiff", width=len(x), height=len(y), count=1, dtype=dtype, crs=CRS, transform=transform,
+    profile = dict(driver="GTiff", width=width, height=height, count=1, dtype=dtype, crs=CRS, transform=transform,
                    nodata=None if var == "mask" else np.nan, tiled=True, blockxsize=256, blockysize=256,
                    compress="deflate")
     with rasterio.open(plain, "w", **profile) as dst:
-        for y0 in range(0, len(y), chunks):
-            for x0 in range(0, len(x), chunks):
-                y1, x1 = min(y0 + chunks, len(y)), min(x0 + chunks, len(x))
+        for y0 in range(0, height, chunks):
+            for x0 in range(0, width, chunks):
+                y1, x1 = min(y0 + chunks, height), min(x0 + chunks, width)
                 block = da.isel(time=t, y=slice(y0, y1), x=slice(x0, x1)).values
                 dst.write(block.astype(dtype), 1, window=Window(x0, y0, x1 - x0, y1 - y0))
         dst.set_band_description(1, var)

@@ -119,15 +119,16 @@ def _grouped_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gro
 class FusedEnsemble:
     """Inference-only DenseSM-E: folded BatchNorms, all members' convolutions at once.
 
-    Convolutions run steps-major ("channels-last"): the first (shared input) as one GEMM over
+    On CPU the convolution stage runs in C (``native``, below). Otherwise, in PyTorch,
+    convolutions run steps-major ("channels-last"): the first (shared input) as one GEMM over
     all members, the next two as grouped convolutions (one group per member). The factor 1/2 of
     the first two average poolings is folded into their weights (relu(z / 2) = relu(z) / 2, exact
     in floating point), so that pooling is one addition of two strided views. They run on
     sub-batches of ``conv_batch`` samples, small enough to stay in cache; the dense part runs
     on the whole batch.
-    ``compile=True`` runs the convolution stage through ``torch.compile`` (a one-off compilation
-    of some seconds; needs a C++ compiler on CPU). Since the grouped convolutions it brought
-    nothing on the 2-core CPU (README); it is kept for GPUs and larger CPUs.
+    ``compile=True`` runs the PyTorch convolution stage through ``torch.compile`` (a one-off
+    compilation of some seconds; needs a C++ compiler on CPU), for GPUs; on CPU the C stage is
+    faster (README).
     ``native``: run the convolution stage in C (msda/native.py); None (default) does so on CPU
     when the kernel builds and covers the architecture and ``compile`` is off, True insists.
     """
