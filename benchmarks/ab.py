@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from msda.model import DenseSME, default_members
+from msda.runtime import tune_allocator
 from msda.schema import DEFAULT_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def module_at(rev: str, name: str, folder: Path):
 
 def step_fn(stacked_module, ensemble: DenseSME, x: torch.Tensor):
     stacked = stacked_module.StackedEnsemble.from_ensemble(ensemble).train()
-    opt = torch.optim.Adam(stacked.parameters(), lr=5e-4)
+    opt = torch.optim.Adam(stacked.parameters(), lr=5e-4, fused=True)  # as transfer.fit
 
     def step() -> None:
         y, f = stacked(x, internal_order=True)
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--what", default="step,predict")
     args = ap.parse_args()
+    tune_allocator()  # as transfer.fit and msda map do
     torch.manual_seed(0)
     ensemble = DenseSME(default_members(), seed=0)
     what = args.what.split(",")

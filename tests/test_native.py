@@ -95,3 +95,85 @@ def test_supports_only_its_architecture():
     assert not native.supports(9, 46, (32, 16, 4), 5, (2, 2, 4))
     assert not native.supports(3, 7, (32, 16, 4), 5, (2, 2, 4))
 
+
+
+class _NoOpenMP:
+    """The library as if built without OpenMP: parts run in Python threads instead."""
+
+    def __init__(self, lib):
+        self._lib = lib
+
+    def __getattr__(self, name):
+        return (lambda: 0) if name == "msda_openmp" else getattr(self._lib, name)
+
+
+def _conv1(lib, patches, w, length, training, grad_out, seed=11):
+    """Output and weight gradient of the training first convolution, C (lib) or PyTorch (None)."""
+    from msda.stacked import _LinearReluDropoutPool2
+
+    w = w.detach().clone().requires_grad_(True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same dropout words on both paths
+        out = _LinearReluDropoutPool2.apply(patches, w, length, training, 2, lib)
+    (out * grad_out).sum().backward()
+    return out.detach(), w.grad
+
+
+@needs_cc
+@pytest.mark.parametrize("length", [46, 31, 2])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("openmp", [True, False])
+def test_training_first_convolution_equals_pytorch(length, training, openmp):
+    """Dropout mask bits, replicate padding, odd lengths, window widths 16 and 41, samples split
+    over threads (OpenMP or Python threads): C gives PyTorch's output and weight gradient."""
+    lib = native.conv_stage_library()
+    lib = lib if openmp else _NoOpenMP(lib)
+    g = torch.Generator().manual_seed(3)
+    for batch, kc, c in ((37, 16, 96), (5, 41, 32)):
+        patches = torch.randn(batch * length, kc, generator=g)
+        patches[:, -1] = 1.0
+        w = torch.randn(c, kc, generator=g)
+        grad_out = torch.randn(batch, length // 2 + 4, c, generator=g)
+        out, gw = _conv1(lib, patches, w, length, training, grad_out)
+        ref_out, ref_gw = _conv1(None, patches, w, length, training, grad_out)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-4 * ref_gw.abs().max().item())
+        if training:  # a different mask gives a different result: the bits are really used
+            other, _ = _conv1(lib, patches, w, length, training, grad_out, seed=12)
+            assert not torch.allclose(other, out)
+
+
+@needs_cc
+def test_stacked_training_with_c_equals_pytorch(full_ensemble):
+    """A whole training step of the 25 stacked members, dropout on: outputs, features and every
+    parameter's gradient agree between the C first convolution and PyTorch's."""
+    from msda.stacked import StackedEnsemble
+
+    x = torch.rand(70, 153, generator=torch.Generator().manual_seed(0))
+    results = []
+    for use_c in (True, False):
+        st = StackedEnsemble.from_ensemble(full_ensemble).train()
+        st.native = use_c
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            y, f = st(x)
+        (y.square().sum() + f.square().mean()).backward()
+        results.append((y.detach(), f.detach(), {k: p.grad for k, p in st.named_parameters()}))
+    (y1, f1, g1), (y2, f2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f1, f2, rtol=1e-4, atol=1e-5)
+    for name in g2:
+        scale = g2[name].abs().max().item()
+        torch.testing.assert_close(g1[name], g2[name], rtol=0, atol=1e-4 * scale + 1e-9, msg=name)
+
+
+def test_stacked_native_insists(fresh_cache, monkeypatch, full_ensemble):
+    from msda.stacked import StackedEnsemble
+
+    monkeypatch.setenv("MSDA_NATIVE", "0")
+    st = StackedEnsemble.from_ensemble(full_ensemble).train()
+    st.native = True
+    with pytest.raises(MsdaError, match="C convolution"):
+        st(torch.rand(8, 153))
+    st.native = None  # falls back to PyTorch
+    assert st(torch.rand(8, 153))[0].shape == (25, 8)

@@ -104,7 +104,7 @@ def test_coin_mask_is_fair():
     assert abs((a & b).float().mean().item() - 0.25) < 0.005
 
 
-@pytest.mark.parametrize("length", [46, 7])
+@pytest.mark.parametrize("length", [46, 7, 2])
 @pytest.mark.parametrize("training", [True, False])
 def test_tiled_first_convolution_matches_direct(monkeypatch, length, training):
     """Tiles of 2 samples (recomputed in backward) give the direct computation, dropout mask and

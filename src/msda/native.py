@@ -33,6 +33,8 @@ FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
 FILTERS, KERNEL, POOLS = (32, 16, 4), 5, (2, 2, 4)
 MAX_SERIES, MIN_LENGTH, MAX_LENGTH = 8, 8, 256
 _P = ctypes.c_void_p
+_CONV1_ARGTYPES = [_P, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_float]
+MAX_WINDOW = 64  # most values in a window of the first convolution (S * K + 1), _convstage.c's MAXKC
 _ARGTYPES = [_P, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P]
 
 
@@ -65,8 +67,12 @@ def _build(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
+        # with OpenMP where the compiler has it: the kernels then share PyTorch's threads
+        for flags in (FLAGS + ("-fopenmp",), FLAGS):
+            res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if res.returncode == 0:
+                break
+        else:
             raise OSError(f"{cc} failed on {SOURCE.name}: {res.stderr.strip()[-500:]}")
         os.replace(tmp, target)
     finally:
@@ -94,8 +100,11 @@ def conv_stage_library() -> ctypes.CDLL | None:
         warnings.warn(f"msda: could not build the C convolution stage ({exc}); CPU prediction uses the PyTorch path",
                       stacklevel=2)
         return None
-    fn = lib.msda_conv_stage
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    for name, args in (("msda_conv_stage", _ARGTYPES), ("msda_conv1_forward", _CONV1_ARGTYPES + [_P]),
+                       ("msda_conv1_backward", _CONV1_ARGTYPES + [_P, _P])):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args + [ctypes.c_int], ctypes.c_int  # the last: threads
+    lib.msda_openmp.restype = ctypes.c_int
     return lib
 
 
@@ -124,7 +133,7 @@ class ConvStage:
                  n_members: int, n_series: int, length: int, n_features: int):
         m, k = n_members, KERNEL
         c1, c2, c3 = FILTERS
-        self.fn = lib.msda_conv_stage
+        self.lib, self.fn = lib, lib.msda_conv_stage
         self.m, self.s, self.length, self.n_features = m, n_series, length, n_features
         # (S*K + 1, M*C1) -> (M, S*K + 1, C1)
         self.w1 = w1.reshape(-1, m, c1).permute(1, 0, 2).contiguous()
@@ -134,25 +143,74 @@ class ConvStage:
         self.w3 = kernels[1].reshape(m, c3, c2, k).contiguous()  # as Conv1d stores it
         self.b3 = biases[1].contiguous()
 
-    def _run(self, x: torch.Tensor, offset: int, lo: int, hi: int, out: torch.Tensor) -> None:
-        rc = self.fn(
-            x.data_ptr() + lo * x.stride(0) * 4, x.stride(0), offset, hi - lo, self.s, self.length, self.m,
-            self.w1.data_ptr(), self.w2.data_ptr(), self.b2.data_ptr(), self.w3.data_ptr(), self.b3.data_ptr(),
-            out.data_ptr() + lo * self.m * self.n_features * 4,
-        )
-        if rc != 0:
-            raise RuntimeError(f"msda_conv_stage refused n_series={self.s}, length={self.length}")
-
     def __call__(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         """x (n, n_inputs) float32 on CPU, the series from column ``offset``; -> (n, M, 4 * L3)."""
         if x.dtype != torch.float32 or x.stride(-1) != 1:
             x = x.to(torch.float32).contiguous()
         n = x.shape[0]
         out = torch.empty(n, self.m, self.n_features)
-        threads = max(1, min(torch.get_num_threads(), n // 16))
-        if threads == 1:
-            self._run(x, offset, 0, n, out)
-            return out
-        bounds = [n * i // threads for i in range(threads + 1)]
-        list(_pool(threads, os.getpid()).map(lambda i: self._run(x, offset, bounds[i], bounds[i + 1], out), range(threads)))
+        _parallel(self.lib, n, lambda lo, hi, threads, part: self.fn(
+            x.data_ptr() + lo * x.stride(0) * 4, x.stride(0), offset, hi - lo, self.s, self.length, self.m,
+            self.w1.data_ptr(), self.w2.data_ptr(), self.b2.data_ptr(), self.w3.data_ptr(), self.b3.data_ptr(),
+            out.data_ptr() + lo * self.m * self.n_features * 4, threads,
+        ), f"n_series={self.s}, length={self.length}")
         return out
+
+
+def _threads(n: int) -> int:
+    """Threads for n samples: torch's thread count, at least 16 samples each."""
+    return max(1, min(torch.get_num_threads(), n // 16))
+
+
+def _parallel(lib: ctypes.CDLL, n: int, call, what: str) -> int:
+    """Run ``call(lo, hi, threads, part)`` (a kernel, 0 on success) over n samples; returns the parts.
+
+    Built with OpenMP, one call splits the samples over PyTorch's OpenMP threads; else each part
+    runs in a thread of a pool (ctypes releases the GIL), one thread each."""
+    threads = _threads(n)
+    if threads == 1 or lib.msda_openmp():
+        rcs = [call(0, n, threads, 0)]
+    else:
+        bounds = [n * i // threads for i in range(threads + 1)]
+        rcs = list(_pool(threads, os.getpid()).map(lambda i: call(bounds[i], bounds[i + 1], 1, i), range(threads)))
+    if any(rcs):
+        raise RuntimeError(f"the C kernel refused {what}")
+    return threads
+
+
+def conv1_supported(patches: torch.Tensor, channels: int, length: int) -> bool:
+    """Whether ``conv1_forward``/``conv1_backward`` take these (else the caller uses PyTorch)."""
+    return (patches.device.type == "cpu" and patches.dtype == torch.float32 and patches.shape[1] <= MAX_WINDOW
+            and channels % 32 == 0 and 2 <= length <= MAX_LENGTH)
+
+
+def conv1_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt: torch.Tensor, words: torch.Tensor | None,
+                  length: int, pad: int, scale: float) -> torch.Tensor:
+    """The first convolution of training (stacked.py), in C: pool2(dropout(relu(patches @ wt))),
+    replicate-padded by ``pad`` steps: patches (B * L, KC), wt (KC, C) -> (B, L / 2 + 2 pad, C).
+
+    ``words``: the dropout mask's random bits (element r * C + c), None in eval mode."""
+    patches, wt = patches.contiguous(), wt.contiguous()
+    kc, c = wt.shape
+    n = patches.shape[0] // length
+    out = patches.new_empty(n, length // 2 + 2 * pad, c)
+    wp = words.data_ptr() if words is not None else None
+    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_conv1_forward(
+        patches.data_ptr() + lo * length * kc * 4, kc, lo, hi - lo, length, c, wt.data_ptr(), wp, pad, scale,
+        out.data_ptr() + lo * out.stride(0) * 4, threads), f"window {kc}, length {length}, channels {c}")
+    return out
+
+
+def conv1_backward(lib: ctypes.CDLL, patches: torch.Tensor, wt: torch.Tensor, words: torch.Tensor | None,
+                   length: int, pad: int, scale: float, grad: torch.Tensor) -> torch.Tensor:
+    """The weight gradient (C, KC) of ``conv1_forward`` for the output gradient ``grad``."""
+    patches, wt, grad = patches.contiguous(), wt.contiguous(), grad.contiguous()
+    kc, c = wt.shape
+    n = patches.shape[0] // length
+    parts = patches.new_zeros(_threads(n), kc, c)
+    wp = words.data_ptr() if words is not None else None
+    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv1_backward(
+        patches.data_ptr() + lo * length * kc * 4, kc, lo, hi - lo, length, c, wt.data_ptr(), wp, pad, scale,
+        grad.data_ptr() + lo * grad.stride(0) * 4, parts[part].data_ptr(), threads),
+        f"window {kc}, length {length}, channels {c}")
+    return parts.sum(0).t()

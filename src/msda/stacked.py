@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msda import native
+from msda.errors import MsdaError
 from msda.model import CONV_FILTERS, DROPOUT, KERNEL, POOL_WINDOWS, DenseSM, DenseSME, MemberSpec
 from msda.schema import FeatureSchema
 
@@ -148,13 +150,17 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool, pad: int = 0):
+    def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool, pad: int = 0, lib=None):
         rows, c = patches.shape[0], w.shape[0]
         batch, half = rows // length, length // 2
         # even: tiles start on whole mask words; a GPU has no use for cache-sized tiles
         per_tile = max(2, batch) if patches.is_cuda else max(2, TILE_BYTES // (4 * c * length) // 2 * 2)
         wt = w.t().contiguous()
         words = _coin_words(rows * c, patches.device) if training else None
+        ctx.save_for_backward(patches, wt, words)
+        ctx.training, ctx.length, ctx.per_tile, ctx.pad, ctx.lib = training, length, per_tile, pad, lib
+        if lib is not None:  # the same in C, per sample in cache (native.py), same mask bits
+            return native.conv1_forward(lib, patches, wt, words, length, pad, 1.0 if training else 0.5)
         out = patches.new_empty(batch, half + 2 * pad, c)
         core = out[:, pad : pad + half]
         buf = patches.new_empty(min(per_tile, batch) * length, c)
@@ -166,8 +172,6 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
         if pad:
             out[:, :pad] = core[:, :1]
             out[:, pad + half :] = core[:, -1:]
-        ctx.save_for_backward(patches, wt, words)
-        ctx.training, ctx.length, ctx.per_tile, ctx.pad = training, length, per_tile, pad
         return out
 
     @staticmethod
@@ -182,25 +186,25 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[1]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         patches, wt, words = ctx.saved_tensors
         length, per_tile, pad = ctx.length, ctx.per_tile, ctx.pad
         batch, c, half = patches.shape[0] // length, wt.shape[1], length // 2
         scale = 1.0 if ctx.training else 0.5
-        first = grad[:, : pad + 1].sum(1) if pad else None  # the padding's gradients fold onto the edges
-        last = grad[:, pad + half - 1 :].sum(1) if pad else None
+        if ctx.lib is not None:
+            return None, native.conv1_backward(ctx.lib, patches, wt, words, length, pad, scale, grad), None, None, None, None
         grad_w = patches.new_zeros(c, patches.shape[1])
         buf = patches.new_empty(min(per_tile, batch) * length, c)
         for a in range(0, batch, per_tile):
             b = min(a + per_tile, batch)
             g = grad[a:b, pad : pad + half] * scale  # a tile-sized copy
-            if pad:
-                g[:, 0] = first[a:b] * scale
-                g[:, -1] = last[a:b] * scale
+            if pad:  # the padding's gradients fold onto the edges (both onto one step when half = 1)
+                g[:, 0] += grad[a:b, :pad].sum(1) * scale
+                g[:, -1] += grad[a:b, pad + half :].sum(1) * scale
             kept = _LinearReluDropoutPool2._kept(patches, wt, words, a, b, length, buf)
             gz = _pair_backward(g, kept, 1)
             grad_w.addmm_(gz.reshape(-1, c).t(), patches[a * length : b * length])
-        return None, grad_w, None, None, None
+        return None, grad_w, None, None, None, None
 
 
 def _avg_pool(x: torch.Tensor, window: int, ceil: bool = False) -> torch.Tensor:
@@ -343,6 +347,7 @@ class _SharedConv(_Conv):
         training: bool,
         members: slice,
         length: int,
+        lib=None,
     ) -> torch.Tensor:
         """patches (B * L, c_in * K + 1); stats (mu, Sigma, n) of the windows in training mode, else None.
 
@@ -365,7 +370,7 @@ class _SharedConv(_Conv):
             mean, var = bn.running_mean[members].flatten(), bn.running_var[members].flatten()
         scale = gamma * torch.rsqrt(var + _BN_EPS)
         fused = torch.cat((w * scale[:, None], ((b - mean) * scale + beta)[:, None]), dim=1)
-        return _LinearReluDropoutPool2.apply(patches, fused, length, training, KERNEL // 2)  # (B, L/2 + 4, k*c_out)
+        return _LinearReluDropoutPool2.apply(patches, fused, length, training, KERNEL // 2, lib)  # (B, L/2 + 4, k*c_out)
 
     @staticmethod
     def patches(series: torch.Tensor, training: bool):
@@ -482,6 +487,8 @@ class StackedEnsemble(nn.Module):
             self.group_sizes.append(len(members))
         self.groups = nn.ModuleList(groups)
         self.dropout = True  # tests switch it off to compare with the modules deterministically
+        # the first convolution in C on CPU (native.py): None where it builds, True insists, False never
+        self.native: bool | None = None
 
     # ----- computation -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, internal_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,7 +499,8 @@ class StackedEnsemble(nn.Module):
         scalars = x[:, : self.n_scalars]
         series = x[:, self.n_scalars :].reshape(b, self.n_series, self.length)
         patches, stats = _SharedConv.patches(series, self.training)
-        conv = torch.cat([self._conv_stage(patches, stats, training, part) for part in self._member_chunks(b)], dim=1)
+        lib = self._library(patches)
+        conv = torch.cat([self._conv_stage(patches, stats, training, part, lib) for part in self._member_chunks(b)], dim=1)
         shared = torch.cat((scalars, series.mean(dim=2)), dim=1)
         base = torch.cat((shared.unsqueeze(1).expand(b, m, shared.shape[1]), conv), dim=2)
         base = self.norm(base.reshape(b, -1)).view(b, m, self.n_in).transpose(0, 1)  # (m, B, n_in)
@@ -516,9 +524,20 @@ class StackedEnsemble(nn.Module):
         k = max(1, min(len(self.specs), CHUNK_BYTES // max(per_member, 1)))
         return [slice(a, min(a + k, len(self.specs))) for a in range(0, len(self.specs), k)]
 
-    def _conv_stage(self, patches: torch.Tensor, stats, training: bool, part: slice) -> torch.Tensor:
+    def _library(self, patches: torch.Tensor):
+        """The C kernels for the first convolution, or None (PyTorch operations)."""
+        if self.native is False:
+            return None
+        fits = native.conv1_supported(patches, CONV_FILTERS[0], self.length)
+        lib = native.conv_stage_library() if fits else None
+        if lib is None and self.native:
+            raise MsdaError("native=True: the C convolution needs a float32 model on CPU, series of "
+                            f"2-{native.MAX_LENGTH} steps and a C compiler (see msda/native.py)")
+        return lib
+
+    def _conv_stage(self, patches: torch.Tensor, stats, training: bool, part: slice, lib=None) -> torch.Tensor:
         """Temporal features of the members in ``part``: (B, k, 4 * L3), channel-major per member."""
-        h = self.conv2(self.conv1(patches, stats, training, part, self.length), training, part)
+        h = self.conv2(self.conv1(patches, stats, training, part, self.length, lib), training, part)
         h = self.conv3(h, training, part)
         return h.reshape(h.shape[0], part.stop - part.start, -1)
 
