@@ -14,7 +14,7 @@ scipy, scikit-learn, matplotlib and datashader): its own loaders (``utils.py``) 
 ``FinetuneModel.ft_ensemble`` with ``ex='ft13'`` (the three-stream loss), fed with our split.
 
     python benchmarks/adapt.py [--epochs 50] [--stations 45] [--members 25]
-        [--reference /tmp/ref --reference-python /tmp/refvenv/bin/python]
+        [--parts K] [--reference /tmp/ref --reference-python /tmp/refvenv/bin/python]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--parts", type=int, default=0, help="members in this many parts side by side (0: msda's default)")
     ap.add_argument("--reference", default=None, help="checkout of rszlj/Transfer-DenseSM-E")
     ap.add_argument("--reference-python", default=sys.executable)
     args = ap.parse_args()
@@ -108,7 +109,8 @@ def main() -> None:
     print(f"{args.members} members, {args.epochs} epochs, torch {torch.__version__}, {threads} threads")
 
     weights = LossWeights.for_method("msda")
-    settings = TrainSettings(epochs=args.epochs, seed=args.seed, device=args.device, compile=args.compile)
+    settings = TrainSettings(epochs=args.epochs, seed=args.seed, device=args.device, compile=args.compile,
+                             parts=args.parts)
     res = fit(ensemble, problem.fit_data(), weights, settings, progress=False)
     ours = res.seconds
     print(f"msda:      {ours:8.1f} s  ({ours / args.epochs:.2f} s/epoch, {1000 * ours / res.steps:.0f} ms/step "

@@ -6,7 +6,7 @@ import torch
 
 from msda.losses import coral, mmd
 from msda.model import DenseSME, MemberSpec
-from msda.stacked import StackedEnsemble
+from msda.stacked import PartedEnsemble, StackedEnsemble, split_members
 from msda.transfer import (
     FitData,
     LossWeights,
@@ -142,9 +142,9 @@ def test_weight_average_is_mean_of_last_epochs():
     res = fit(DenseSME(SPECS, seed=0), _data(), LossWeights.for_method("msda"),
               TrainSettings(epochs=5, batch=16, average_last=3, device="cpu"), progress=False, on_epoch_end=keep)
     mean = {k: torch.stack([s[k] for s in saved[-3:]]).mean(0) for k in saved[0] if saved[0][k].is_floating_point()}
-    expected = StackedEnsemble(SPECS, res.ensemble.schema)
+    expected = PartedEnsemble(SPECS, res.ensemble.schema, split_members(SPECS, 2))  # 2 parts on CPU
     expected.load_state_dict({**saved[-1], **mean})
-    got = StackedEnsemble.from_ensemble(res.ensemble)
+    got = PartedEnsemble.from_ensemble(res.ensemble, 2)
     for k, v in expected.state_dict().items():
         torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
     avg = WeightAverage()
@@ -165,3 +165,53 @@ def test_fit_runs_on_cuda():
     res = _fit(LossWeights.for_method("msda"), device_override="cuda")
     assert res.device.startswith("cuda")
     assert all(torch.isfinite(p).all() for p in res.ensemble.parameters())
+
+
+def test_parts_in_threads_equal_parts_in_turn(monkeypatch):
+    """Two parts stepped side by side in threads give exactly what they give one after another
+    (each part draws dropout from its own generator), and the input ensemble is not changed."""
+    ensemble = DenseSME(SPECS, seed=0)
+    before = {k: v.clone() for k, v in ensemble.state_dict().items()}
+    settings = TrainSettings(epochs=2, batch=16, seed=3, device="cpu", parts=2)
+    results = []
+    for threads in (2, 1):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)  # 1: no room for side-by-side parts, they run in turn
+        try:
+            results.append(fit(ensemble, _data(), LossWeights.for_method("msda"), settings, progress=False))
+        finally:
+            torch.set_num_threads(old)
+    assert _same(*results)
+    assert all(torch.equal(v, ensemble.state_dict()[k]) for k, v in before.items())
+    one_part = fit(ensemble, _data(), LossWeights.for_method("msda"), TrainSettings(epochs=2, batch=16, seed=3, device="cpu", parts=1), progress=False)
+    assert not _same(results[0], one_part)  # other generators: other dropout masks
+    with pytest.raises(TransferError, match="parts"):
+        TrainSettings(parts=-1).check()
+
+
+def test_split_members_balances_cost():
+    from msda.model import default_members
+    from msda.stacked import member_cost
+
+    specs = default_members()
+    parts = split_members(specs, 2)
+    assert sorted(parts[0] + parts[1]) == list(range(25))
+    costs = [sum(member_cost(specs[i]) for i in p) for p in parts]
+    assert max(costs) / min(costs) < 1.1
+    assert split_members(specs, 2) == parts  # deterministic
+    assert split_members(specs[:1], 2) == [[0]]  # never an empty part
+
+
+def test_parted_ensemble_matches_one_stack():
+    e = DenseSME(SPECS, seed=0).eval()
+    one = StackedEnsemble.from_ensemble(e).eval()
+    two = PartedEnsemble.from_ensemble(e, 2).eval()
+    x = torch.rand(20, 153)
+    with torch.no_grad():
+        y1, f1 = one(x)
+        y2, f2 = two(x)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(f1, f2)
+    back = two.to_ensemble()
+    for (k, a), b in zip(back.state_dict().items(), e.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)

@@ -24,7 +24,9 @@ features and gradients against the per-member ``DenseSM`` modules.
 from __future__ import annotations
 
 import math
+import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,9 +53,14 @@ def _constant(key: tuple, make) -> torch.Tensor:
     return _CONSTANTS[key]
 
 
+_RNG = threading.local()  # .generator: the dropout generator of the StackedEnsemble running in this thread
+
+
 def _coin_words(n: int, device: torch.device) -> torch.Tensor:
-    """The random 64-bit words of a fair-coin mask of ``n`` elements (see ``coin_mask``)."""
-    return torch.empty(-(-n // 64), dtype=torch.int64, device=device).random_(-(2**63), None)
+    """The random 64-bit words of a fair-coin mask of ``n`` elements (see ``coin_mask``), from the
+    running ensemble's generator (``StackedEnsemble.generator``), else torch's global one."""
+    generator = getattr(_RNG, "generator", None)
+    return torch.empty(-(-n // 64), dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
 
 
 def _coin_slice(words: torch.Tensor, start: int, n: int, dtype: torch.dtype, keep_scale: float = 1.0) -> torch.Tensor:
@@ -463,6 +470,9 @@ class StackedEnsemble(nn.Module):
         super().__init__()
         self.specs, self.schema = list(specs), schema
         self.n_scalars, self.n_series, self.length = schema.n_scalars, schema.n_series, schema.series_length
+        # dropout draws from this generator when set (one per part trained in its own thread:
+        # reproducible whatever the threads' timing), else from torch's global generator
+        self.generator: torch.Generator | None = None
         probe = DenseSM(1, 1, schema)
         self.n_in = probe.n_in
         m = len(specs)
@@ -493,6 +503,14 @@ class StackedEnsemble(nn.Module):
     # ----- computation -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, internal_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Members in ``specs`` order, or in ``self.order`` (grouped by width) if ``internal_order``."""
+        before = getattr(_RNG, "generator", None)
+        _RNG.generator = self.generator
+        try:
+            return self._forward(x, internal_order)
+        finally:
+            _RNG.generator = before
+
+    def _forward(self, x: torch.Tensor, internal_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
         training = self.training and self.dropout
         b = x.shape[0]
         m = len(self.specs)
@@ -621,4 +639,78 @@ class StackedEnsemble(nn.Module):
         cpu = StackedEnsemble(self.specs, self.schema).to(dtype=dtype)
         cpu.load_state_dict({k: v.detach().cpu() for k, v in self.state_dict().items()})
         cpu._copy(list(ensemble.members), to_stack=False)
+        return ensemble.eval()
+
+
+def member_cost(spec: MemberSpec, n_in: int = 30) -> int:
+    """Multiply-adds per sample of one member with the default schema (convolutions on 3 x 46
+    steps, dense layers), for load balancing."""
+    conv = 46 * 15 * 32 + 23 * 160 * 16 + 11 * 80 * 4
+    dense = sum((n_in + k * spec.width) * spec.width + 2 * spec.width**2 for k in range(spec.depth))
+    return conv + dense + (n_in + spec.depth * spec.width) * 32
+
+
+def split_members(specs: list[MemberSpec], parts: int) -> list[list[int]]:
+    """Member indices in ``parts`` groups of about equal cost (greedy: largest first, to the
+    lightest group), each sorted; deterministic."""
+    parts = max(1, min(parts, len(specs)))
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(specs)), key=lambda i: (-member_cost(specs[i]), i)):
+        g = load.index(min(load))
+        groups[g].append(i)
+        load[g] += member_cost(specs[i])
+    return [sorted(g) for g in groups]
+
+
+class PartedEnsemble(nn.Module):
+    """An ensemble's members split into ``StackedEnsemble`` parts that train side by side.
+
+    On a CPU, PyTorch's own threading of one stacked step leaves cores idle while Python
+    dispatches its ~2,000 small operations; two parts, each stepped by its own thread with its
+    own share of the cores, overlap one part's dispatch with the other's arithmetic
+    (``transfer.fit``). Members stay independent, so the split changes no mathematics; each part
+    draws its dropout from its own generator, so results do not depend on the threads' timing.
+
+    ``order``: the members (indices into ``specs``) in the parts' internal orders, concatenated.
+    """
+
+    def __init__(self, specs: list[MemberSpec], schema: FeatureSchema, members: list[list[int]]):
+        super().__init__()
+        self.specs, self.schema, self.members = list(specs), schema, [list(g) for g in members]
+        self.parts = nn.ModuleList(StackedEnsemble([specs[i] for i in g], schema) for g in self.members)
+        self.order = [g[i] for g, part in zip(self.members, self.parts) for i in part.order]
+        self.inverse = [self.order.index(i) for i in range(len(specs))]
+
+    @classmethod
+    def from_ensemble(cls, ensemble: DenseSME, parts: int = 1, seed: int | None = None,
+                      device: torch.device | str | None = None) -> "PartedEnsemble":
+        """The members of ``ensemble`` (not changed) in ``parts`` cost-balanced parts, on ``device``
+        (default: the ensemble's); with ``seed``, part k's dropout draws from a generator seeded
+        with (seed, k)."""
+        members = split_members(ensemble.specs, parts)
+        ref = next(ensemble.parameters())
+        parted = cls(ensemble.specs, ensemble.schema, members).to(device=ref.device, dtype=ref.dtype)
+        for g, part in zip(members, parted.parts):
+            part._copy([ensemble.members[i] for i in g], to_stack=True)
+        parted = parted.to(device or ref.device)
+        if seed is not None:
+            for k, part in enumerate(parted.parts):
+                part.generator = torch.Generator(device=device or ref.device)
+                part.generator.manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+        return parted
+
+    def forward(self, x: torch.Tensor, internal_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs (m, B) and features (m, B, 32) of all members, as ``StackedEnsemble.forward``."""
+        outs = [part(x, internal_order=True) for part in self.parts]
+        y, f = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return (y, f) if internal_order else (y[self.inverse], f[self.inverse])
+
+    def to_ensemble(self) -> DenseSME:
+        """A fresh ``DenseSME`` (CPU, eval mode) holding the parts' parameters, members in ``specs`` order."""
+        dtype = next(self.parameters()).dtype
+        ensemble = DenseSME(self.specs, schema=self.schema).to(dtype=dtype)
+        for g, part in zip(self.members, self.parts):
+            for i, member in zip(g, part.to_ensemble().members):
+                ensemble.members[i].load_state_dict(member.state_dict())
         return ensemble.eval()

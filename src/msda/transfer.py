@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,7 +30,7 @@ from msda.losses import DOMAIN_LOSSES, mse
 from msda.model import DenseSME
 from msda.runtime import tune_allocator
 from msda.schema import FeatureSchema
-from msda.stacked import StackedEnsemble
+from msda.stacked import PartedEnsemble, StackedEnsemble
 from msda.tables import TRUTH, Samples
 
 METHODS = ("finetune", "ms", "da", "msda")
@@ -51,8 +52,11 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    parts: int = 0  # members trained in this many parts side by side; 0: 2 on CPU, 1 on GPU
 
     def check(self) -> None:
+        if self.parts < 0:
+            raise TransferError(f"parts must be >= 0 (0: automatic), got {self.parts}")
         if self.epochs < 1:
             raise TransferError(f"epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:
@@ -212,7 +216,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 @torch.no_grad()
-def eq4_beta(stacked: StackedEnsemble, data: FitData, alpha: float, domain_loss: str, chunk: int = 8192) -> torch.Tensor:
+def eq4_beta(stacked: StackedEnsemble | PartedEnsemble, data: FitData, alpha: float, domain_loss: str, chunk: int = 8192) -> torch.Tensor:
     """Eq. 4 per member: beta = alpha * MSE_50m / D(labeled, target), pretrained member, eval mode.
 
     Both terms use all labeled and all target samples, so that ``beta * D = alpha * MSE`` at the
@@ -241,7 +245,7 @@ def fit(
     weights: LossWeights,
     settings: TrainSettings,
     progress: bool = True,
-    on_epoch_end: Callable[[int, StackedEnsemble], None] | None = None,
+    on_epoch_end: Callable[[int, PartedEnsemble], None] | None = None,
     description: str = "adapt",
     monitor: tuple[torch.Tensor, torch.Tensor] | None = None,
     monitor_every: int = 0,
@@ -271,7 +275,8 @@ def fit(
     rng_lab, rng_9km, rng_tgt = (np.random.default_rng(s) for s in seeds)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)
-        stacked = StackedEnsemble.from_ensemble(ensemble).to(device)
+        n_parts = settings.parts or (2 if device.type == "cpu" else 1)
+        stacked = PartedEnsemble.from_ensemble(ensemble, n_parts, seed=settings.seed, device=device)
         x_lab, y_lab = data.x_labeled.to(device), data.y_labeled.to(device)
         m = len(ensemble.specs)
         if weights.beta == "auto":
@@ -288,10 +293,10 @@ def fit(
         s_tgt = Stream(x_t.shape[0], rng_tgt, device) if x_t is not None else None
         domain = DOMAIN_LOSSES[weights.domain_loss]
         alpha = float(weights.alpha)
-        opt = torch.optim.Adam(stacked.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, **_adam_kwargs(device))
 
-        def losses(xb: torch.Tensor, yb: torch.Tensor, n_l: int, n_t: int, yc: torch.Tensor | None):
-            y, f = stacked(xb, internal_order=True)
+        def losses(part: StackedEnsemble, beta_part: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, n_l: int,
+                   n_t: int, yc: torch.Tensor | None):
+            y, f = part(xb, internal_order=True)
             fine = mse(y[:, :n_l], yb)
             total = alpha * fine
             coarse = dom = None
@@ -300,10 +305,10 @@ def fit(
                 total = total + (1 - alpha) * coarse
             if n_t:
                 dom = domain(f[:, :n_l], f[:, n_l : n_l + n_t])
-                total = total + beta_internal * dom
+                total = total + beta_part * dom
             return total, fine, coarse, dom
 
-        step_fn = torch.compile(losses, dynamic=False) if settings.compile else losses
+        trainer = _PartsTrainer(stacked, beta_internal, losses, settings, device)
         averager = WeightAverage()
         first_avg = max(settings.epochs - settings.average_last, 0)
         history = []
@@ -332,10 +337,7 @@ def fit(
                         parts.append(x_c[ic])
                         yc = y_c[ic]
                     xb = torch.cat(parts) if len(parts) > 1 else parts[0]
-                    opt.zero_grad(set_to_none=True)
-                    total, fine, coarse, dom = step_fn(xb, y_lab[idx], n_l, n_t, yc)
-                    total.sum().backward()
-                    opt.step()
+                    total, fine, coarse, dom = trainer.step(xb, y_lab[idx], n_l, n_t, yc)
                     with torch.no_grad():
                         sums[0] += total.detach() * n_l
                         sums[1] += fine.detach() * n_l
@@ -372,6 +374,7 @@ def fit(
                     on_epoch_end(epoch, stacked)
         finally:
             bar.close()
+            trainer.close()
         order = {name: i for i, name in enumerate(ensemble.names)}
         history.sort(key=lambda r: (r["epoch"], order[r["member"]]))
         stacked.load_state_dict(averager.result())
@@ -388,8 +391,51 @@ def fit(
     )
 
 
+class _PartsTrainer:
+    """One optimisation step of every part of a ``PartedEnsemble``: forward, the loss of each of
+    its members, backward and Adam, each part with its own optimiser.
+
+    On a CPU with several threads (and without ``compile``), the parts step side by side in
+    threads of their own, sharing out torch's threads; elsewhere one after another. The results
+    are the same either way: the parts share no parameters and draw from their own generators.
+    """
+
+    def __init__(self, parted: PartedEnsemble, beta: torch.Tensor, losses, settings: TrainSettings, device: torch.device):
+        self.parted = parted
+        self.opts = [torch.optim.Adam(p.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, **_adam_kwargs(device))
+                     for p in parted.parts]
+        sizes = [len(g) for g in parted.members]
+        self.betas = list(beta.split(sizes))
+        fn = torch.compile(losses, dynamic=False) if settings.compile else losses
+        self.losses = fn
+        threads = torch.get_num_threads()
+        n = len(parted.parts)
+        self.pool = None
+        if n > 1 and device.type == "cpu" and threads >= n and not settings.compile:
+            self.pool = ThreadPoolExecutor(n, thread_name_prefix="msda-part", initializer=torch.set_num_threads,
+                                           initargs=(threads // n,))
+
+    def _step(self, k: int, xb, yb, n_l: int, n_t: int, yc):
+        self.opts[k].zero_grad(set_to_none=True)
+        total, fine, coarse, dom = self.losses(self.parted.parts[k], self.betas[k], xb, yb, n_l, n_t, yc)
+        total.sum().backward()
+        self.opts[k].step()
+        return tuple(None if t is None else t.detach() for t in (total, fine, coarse, dom))
+
+    def step(self, xb, yb, n_l: int, n_t: int, yc):
+        """Per-member (total, 50 m, 9 km, domain) losses, members in ``parted.order`` (None: unused)."""
+        run = lambda k: self._step(k, xb, yb, n_l, n_t, yc)  # noqa: E731
+        ks = range(len(self.opts))
+        results = list(self.pool.map(run, ks)) if self.pool is not None else [run(k) for k in ks]
+        return tuple(None if r[0] is None else torch.cat(r) for r in zip(*results))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 @torch.no_grad()
-def _ensemble_rmse(stacked: StackedEnsemble, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
+def _ensemble_rmse(stacked: PartedEnsemble, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
     """RMSE of the ensemble mean (eval mode) on (x, y); restores training mode."""
     stacked.eval()
     try:
