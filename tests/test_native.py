@@ -1,4 +1,5 @@
 import ctypes
+import re
 import warnings
 
 import numpy as np
@@ -107,48 +108,63 @@ class _NoOpenMP:
         return (lambda: 0) if name == "msda_openmp" else getattr(self._lib, name)
 
 
-def _conv1(lib, patches, w, length, training, grad_out, seed=11):
-    """Output and weight gradient of the training first convolution, C (lib) or PyTorch (None)."""
-    from msda.stacked import _LinearReluDropoutPool2
+def _convs12(use_c, lib, patches, fused, w2, b2, length, training, grad, seed=11):
+    """conv2's output (before its batch norm) and the gradients of fused, w2 and b2, from the
+    C kernels or from PyTorch's first convolution followed by a grouped Conv1d."""
+    import torch.nn.functional as F
 
-    w = w.detach().clone().requires_grad_(True)
+    from msda.stacked import _LinearReluDropoutPool2, _NativeConv12
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (fused, w2, b2)]
+    fused, w2, b2 = leaves
+    m = w2.shape[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same dropout words on both paths
-        out = _LinearReluDropoutPool2.apply(patches, w, length, training, 2, lib)
-    (out * grad_out).sum().backward()
-    return out.detach(), w.grad
+        if use_c:
+            z = _NativeConv12.apply(patches, fused, w2, b2, length, training, lib)
+        else:
+            h = _LinearReluDropoutPool2.apply(patches, fused, length, training, 2)  # (B, L/2 + 4, m*32)
+            z = F.conv1d(h.transpose(1, 2), w2.flatten(0, 1), b2.flatten(), groups=m)
+            z = z.transpose(1, 2).reshape(-1, m * 16)
+    (z * grad).sum().backward()
+    return [z.detach()] + [t.grad for t in leaves]
 
 
 @needs_cc
 @pytest.mark.parametrize("length", [46, 31, 2])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("openmp", [True, False])
-def test_training_first_convolution_equals_pytorch(length, training, openmp):
-    """Dropout mask bits, replicate padding, odd lengths, window widths 16 and 41, samples split
-    over threads (OpenMP or Python threads): C gives PyTorch's output and weight gradient."""
+def test_training_convolutions_equal_pytorch(length, training, openmp):
+    """conv1 -> ReLU -> dropout -> pool -> conv2 in C against PyTorch: output and the gradients
+    of both layers' weights; dropout mask bits, replicate padding, odd lengths, window widths 16
+    and 41, samples split over threads (OpenMP or Python threads)."""
     lib = native.conv_stage_library()
     lib = lib if openmp else _NoOpenMP(lib)
     g = torch.Generator().manual_seed(3)
-    for batch, kc, c in ((37, 16, 96), (5, 41, 32)):
+    for batch, kc, m in ((37, 16, 3), (5, 41, 1)):
         patches = torch.randn(batch * length, kc, generator=g)
         patches[:, -1] = 1.0
-        w = torch.randn(c, kc, generator=g)
-        grad_out = torch.randn(batch, length // 2 + 4, c, generator=g)
-        out, gw = _conv1(lib, patches, w, length, training, grad_out)
-        ref_out, ref_gw = _conv1(None, patches, w, length, training, grad_out)
-        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-4 * ref_gw.abs().max().item())
+        fused = torch.randn(m * 32, kc, generator=g)
+        w2 = torch.randn(m, 16, 32, 5, generator=g) * 0.2
+        b2 = torch.randn(m, 16, generator=g)
+        grad = torch.randn(batch * (length // 2), m * 16, generator=g)
+        got = _convs12(True, lib, patches, fused, w2, b2, length, training, grad)
+        ref = _convs12(False, None, patches, fused, w2, b2, length, training, grad)
+        for name, a, r in zip(("z", "conv1 weight", "conv2 weight", "conv2 bias"), got, ref):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item(), msg=name)
         if training:  # a different mask gives a different result: the bits are really used
-            other, _ = _conv1(lib, patches, w, length, training, grad_out, seed=12)
-            assert not torch.allclose(other, out)
+            other = _convs12(True, lib, patches, fused, w2, b2, length, training, grad, seed=12)
+            assert not torch.allclose(other[0], got[0])
 
 
 @needs_cc
-def test_stacked_training_with_c_equals_pytorch(full_ensemble):
+def test_stacked_training_with_c_equals_pytorch(full_ensemble, monkeypatch):
     """A whole training step of the 25 stacked members, dropout on: outputs, features and every
-    parameter's gradient agree between the C first convolution and PyTorch's."""
+    parameter's gradient agree between the C convolutions and PyTorch's."""
+    from msda import stacked
     from msda.stacked import StackedEnsemble
 
+    monkeypatch.setattr(stacked, "CHUNK_BYTES", 1 << 40)  # PyTorch's path in one member chunk too: the same mask words
     x = torch.rand(70, 153, generator=torch.Generator().manual_seed(0))
     results = []
     for use_c in (True, False):
@@ -164,6 +180,10 @@ def test_stacked_training_with_c_equals_pytorch(full_ensemble):
     torch.testing.assert_close(f1, f2, rtol=1e-4, atol=1e-5)
     for name in g2:
         scale = g2[name].abs().max().item()
+        if re.search(r"(conv\d|linear\d)\.bias$", name):  # biases before a batch norm: zero gradient, up to round-off
+            weight_scale = g2[name.replace("bias", "weight")].abs().max().item()
+            assert max(g1[name].abs().max().item(), scale) < 1e-4 * weight_scale, name
+            continue
         torch.testing.assert_close(g1[name], g2[name], rtol=0, atol=1e-4 * scale + 1e-9, msg=name)
 
 

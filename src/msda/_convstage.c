@@ -139,20 +139,29 @@ static int conv_stage(const float *x, long row_stride, long offset, long n, int 
     return 0;
 }
 
-/* ---- Training: the first convolution of StackedEnsemble (stacked.py) --------------------------
+/* ---- Training: the first two convolutions of StackedEnsemble (stacked.py), fused -----------------
  *
- * Every member sees the same windows, and its batch norm is folded into the weights, so the
- * layer is one product of the windows `win` (n*L rows of KC = S*K + 1 values, the last 1 for the
- * bias) with wt (KC, C), C = members x 32 channels, followed by ReLU, dropout (p = 0.5, its x2
- * cancelling the pool's /2) and a pool of pairs of steps, written replicate-padded by `pad`
- * steps: out (n, L/2 + 2 pad, C). The dropout mask is the bits of `words` (torch draws them):
- * element (row r, channel c) is kept when bit r*C + c is set; words == NULL is eval mode (no
- * dropout; the pool's 1/2 is `scale`). The backward pass makes the activation again from the windows
- * (never stored) and accumulates the weight gradient into gw (KC, C).
- * Samples are [first, first + n) of the batch (the mask's row numbers); C a multiple of 32.
+ * conv1: every member sees the same windows and its batch norm is folded into its weights, so
+ * it is a product of the windows `win` (n*L rows of KC = S*K + 1 values, the last 1 for the
+ * bias) with wt1 (KC, M*32), then ReLU, dropout (p = 0.5, its x2 cancelling the pool's /2) and
+ * a pool of step pairs. The dropout mask is the bits of `words` (torch draws them): element
+ * (row r, channel c) is kept when bit r*M*32 + c is set; words == NULL is eval mode (no
+ * dropout; the pool's 1/2 is `scale`).
+ * conv2 (32 -> 16 channels, kernel 5, replicate padding) then reads that pooled output, with
+ * w2 (M, K, 32, 16): w2[m][k][ci] is the row of 16 output weights of tap k, input channel ci;
+ * b2 (M, 16). Output: z (n, L/2, M*16), conv2 before its batch norm.
+ * Per sample and member, conv1's output lives only in a local buffer (L/2 + 4 rows of 32,
+ * replicate-padded: a window of conv2 is K*32 consecutive floats); it is never written to
+ * memory. The backward pass makes it again from the windows and takes the gradient g of z
+ * back through conv2 and conv1 in cache, accumulating gw1 (KC, M*32) and gw2 (M, K, 32, 16);
+ * w2t (M, K, 16, 32) is w2 with its last two axes swapped.
+ * Samples are [first, first + n) of the batch (the mask's row numbers).
  */
-#define TR 8     /* steps per register block */
+#define TR 8     /* steps per register block of conv1 */
+#define TI 8     /* weight rows per register block of conv2's weight gradient */
+#define TG 9     /* rows per register block of conv2's input gradient: 27 = 23 + 4 rows in 3 blocks */
 #define MAXKC 64 /* most window values (native.MAX_SERIES * K + 1 < 64) */
+#define MAXH (MAXL / 2) /* longest input of conv2 */
 
 typedef unsigned long long u64;
 
@@ -183,96 +192,154 @@ static inline v16 grad_kept(v16 g, v16 v, int bits) {
 }
 #endif
 
-/* rows t0 .. t0+TR of one sample's windows (local, zero-padded) times channels c0 .. c0+31 */
-static inline void conv1_block(const float *pl, int KC, const float *wt, int C, int c0, int t0, v16 a0[TR], v16 a1[TR]) {
-    for (int u = 0; u < TR; ++u) { a0[u] = splat(0.f); a1[u] = splat(0.f); }
-    for (int k = 0; k < KC; ++k) {
-        const v16 wa = load(wt + (long)k * C + c0), wb = load(wt + (long)k * C + c0 + 16);
-        for (int u = 0; u < TR; ++u) {
-            const v16 xv = splat(pl[(t0 + u) * KC + k]);
-            a0[u] += wa * xv;
-            a1[u] += wb * xv;
-        }
-    }
-}
+typedef struct {
+    const float *win, *wt1, *w2, *b2, *w2t;
+    const u64 *words;
+    int KC, L, M;
+    float scale;
+} Train;
 
-static int load_windows(float *pl, const float *win, long b, int L, int KC) {
-    const int Lc = ((L + TR - 1) / TR) * TR;
-    memcpy(pl, win + b * L * KC, sizeof(float) * L * KC);
-    memset(pl + L * KC, 0, sizeof(float) * (Lc - L) * KC);
+/* the sample's windows, zero rows up to a multiple of TR; returns that row count */
+static int load_windows(float *pl, const Train *T, long s) {
+    const int Lc = ((T->L + TR - 1) / TR) * TR;
+    memcpy(pl, T->win + s * T->L * T->KC, sizeof(float) * T->L * T->KC);
+    memset(pl + T->L * T->KC, 0, sizeof(float) * (Lc - T->L) * T->KC);
     return Lc;
 }
 
-static int conv1_forward(const float *win, int KC, long first, long n, int L, int C, const float *wt,
-                       const u64 *words, int pad, float scale, float *out) {
-    if (KC > MAXKC || L > MAXL || L < 2 || C % 32) return -1;
-    const int half = L / 2, rows_out = half + 2 * pad;
-    float pl[(MAXL + TR) * MAXKC];
-    for (long b = 0; b < n; ++b) {
-        const int Lc = load_windows(pl, win, b, L, KC);
-        float *o = out + b * rows_out * C;
-        for (int c0 = 0; c0 < C; c0 += 32)
-            for (int t0 = 0; t0 < Lc; t0 += TR) {
-                v16 a0[TR], a1[TR];
-                conv1_block(pl, KC, wt, C, c0, t0, a0, a1);
-                for (int u = 0; u < TR; ++u) {
-                    /* rows past L are zero windows (relu 0), their mask bits never read */
-                    const long e = ((first + b) * L + t0 + u) * (long)C + c0;
-                    a0[u] = relu_kept(a0[u], t0 + u < L ? mask_bits(words, e) : 0);
-                    a1[u] = relu_kept(a1[u], t0 + u < L ? mask_bits(words, e + 16) : 0);
-                }
-                for (int u = 0; u < TR; u += 2) {
-                    const int j = (t0 + u) / 2;
-                    if (j >= half) break;
-                    v16 p0 = a0[u] + a0[u + 1], p1 = a1[u] + a1[u + 1];
-                    if (!words) { p0 *= splat(scale); p1 *= splat(scale); }
-                    store(o + (pad + j) * C + c0, p0);
-                    store(o + (pad + j) * C + c0 + 16, p1);
-                }
+/* conv1 of member m on one sample: pre-activations z1 (Lc rows x 32, if not NULL) and the
+ * pooled, kept, replicate-padded output xl (half + 4 rows x 32, then T2 zero rows) */
+static void conv1_member(const Train *T, const float *pl, int Lc, long row0, int m, float *z1, float *xl) {
+    const int L = T->L, half = L / 2, C = T->M * C1, c0 = m * C1;
+    for (int t0 = 0; t0 < Lc; t0 += TR) {
+        v16 a0[TR], a1[TR];
+        for (int u = 0; u < TR; ++u) { a0[u] = splat(0.f); a1[u] = splat(0.f); }
+        for (int k = 0; k < T->KC; ++k) {
+            const v16 wa = load(T->wt1 + (long)k * C + c0), wb = load(T->wt1 + (long)k * C + c0 + 16);
+            for (int u = 0; u < TR; ++u) {
+                const v16 xv = splat(pl[(t0 + u) * T->KC + k]);
+                a0[u] += wa * xv;
+                a1[u] += wb * xv;
             }
-        for (int t = 0; t < pad; ++t) {
-            memcpy(o + t * C, o + pad * C, sizeof(float) * C);
-            memcpy(o + (pad + half + t) * C, o + (pad + half - 1) * C, sizeof(float) * C);
+        }
+        for (int u = 0; u < TR; ++u) {
+            if (z1) { store(z1 + (t0 + u) * C1, a0[u]); store(z1 + (t0 + u) * C1 + 16, a1[u]); }
+            /* rows past L are zero windows (relu 0); their mask bits are never read */
+            const long e = (row0 + t0 + u) * C + c0;
+            a0[u] = relu_kept(a0[u], t0 + u < L ? mask_bits(T->words, e) : 0);
+            a1[u] = relu_kept(a1[u], t0 + u < L ? mask_bits(T->words, e + 16) : 0);
+        }
+        for (int u = 0; u < TR; u += 2) {
+            const int j = (t0 + u) / 2;
+            if (j >= half) break;
+            v16 p0 = a0[u] + a0[u + 1], p1 = a1[u] + a1[u + 1];
+            if (!T->words) { p0 *= splat(T->scale); p1 *= splat(T->scale); }
+            store(xl + (P + j) * C1, p0);
+            store(xl + (P + j) * C1 + 16, p1);
+        }
+    }
+    for (int t = 0; t < P; ++t) {
+        store(xl + t * C1, load(xl + P * C1));
+        store(xl + t * C1 + 16, load(xl + P * C1 + 16));
+        store(xl + (P + half + t) * C1, load(xl + (P + half - 1) * C1));
+        store(xl + (P + half + t) * C1 + 16, load(xl + (P + half - 1) * C1 + 16));
+    }
+    for (int t = half + 2 * P; t < half + 2 * P + T2; ++t) { store(xl + t * C1, splat(0.f)); store(xl + t * C1 + 16, splat(0.f)); }
+}
+
+static int conv12_forward(const Train *T, long first, long n, float *z) {
+    const int half = T->L / 2, Cout = T->M * C2;
+    float pl[(MAXL + TR) * MAXKC];
+    float xl[(MAXH + 2 * P + T2) * C1] __attribute__((aligned(64)));
+    for (long s = 0; s < n; ++s) {
+        const int Lc = load_windows(pl, T, first + s);
+        for (int m = 0; m < T->M; ++m) {
+            conv1_member(T, pl, Lc, (first + s) * T->L, m, NULL, xl);
+            const float *W = T->w2 + (long)m * K * C1 * C2;
+            const v16 bias = load(T->b2 + m * C2);
+            float *out = z + s * half * Cout + m * C2;
+            for (int t0 = 0; t0 < half; t0 += T2) {
+                v16 a[T2];
+                for (int u = 0; u < T2; ++u) a[u] = bias;
+                for (int i = 0; i < K * C1; ++i) {
+                    const v16 wv = load(W + i * C2);
+                    const float *xr = xl + t0 * C1 + i;
+                    for (int u = 0; u < T2; ++u) a[u] += wv * splat(xr[u * C1]);
+                }
+                for (int u = 0; u < T2 && t0 + u < half; ++u) store(out + (long)(t0 + u) * Cout, a[u]);
+            }
         }
     }
     return 0;
 }
 
-static int conv1_backward(const float *win, int KC, long first, long n, int L, int C, const float *wt,
-                        const u64 *words, int pad, float scale, const float *grad, float *gw) {
-    if (KC > MAXKC || L > MAXL || L < 2 || C % 32) return -1;
-    const int half = L / 2, rows_out = half + 2 * pad;
+static int conv12_backward(const Train *T, long first, long n, const float *g, float *gw1, float *gw2) {
+    const int L = T->L, half = L / 2, rows = half + 2 * P, Cout = T->M * C2, C = T->M * C1;
     float pl[(MAXL + TR) * MAXKC];
-    float gp[MAXL / 2 + TR][32] __attribute__((aligned(64))); /* pooled gradient, padding folded */
-    for (long b = 0; b < n; ++b) {
-        const int Lc = load_windows(pl, win, b, L, KC);
-        const float *g = grad + b * rows_out * C;
-        for (int c0 = 0; c0 < C; c0 += 32) {
-            for (int j = 0; j < half; ++j) {
-                v16 x0 = load(g + (pad + j) * C + c0), x1 = load(g + (pad + j) * C + c0 + 16);
-                if (j == 0)
-                    for (int t = 0; t < pad; ++t) { x0 += load(g + t * C + c0); x1 += load(g + t * C + c0 + 16); }
-                if (j == half - 1)
-                    for (int t = pad + half; t < rows_out; ++t) { x0 += load(g + t * C + c0); x1 += load(g + t * C + c0 + 16); }
-                store(gp[j], x0 * splat(scale));
-                store(gp[j] + 16, x1 * splat(scale));
+    float z1[(MAXL + TR) * C1] __attribute__((aligned(64)));
+    float xl[(MAXH + 2 * P + T2) * C1] __attribute__((aligned(64)));
+    float gl[(MAXH + 2 * P + TG + K) * C2] __attribute__((aligned(64))); /* g, K-1 zero rows before, zeros after */
+    float gx[(MAXH + 2 * P + TG) * C1] __attribute__((aligned(64)));     /* gradient of xl */
+    for (long s = 0; s < n; ++s) {
+        const int Lc = load_windows(pl, T, first + s);
+        const long row0 = (first + s) * L;
+        for (int m = 0; m < T->M; ++m) {
+            conv1_member(T, pl, Lc, row0, m, z1, xl);
+            const float *gs = g + s * half * Cout + m * C2;
+            for (int t = 0; t < K - 1; ++t) store(gl + t * C2, splat(0.f));
+            for (int t = 0; t < half; ++t) store(gl + (t + K - 1) * C2, load(gs + (long)t * Cout));
+            for (int t = half + K - 1; t < rows + TG + K; ++t) store(gl + t * C2, splat(0.f));
+            /* conv2's weight gradient: gw2[k*32 + ci] += sum_t xl[t + k][ci] g[t] */
+            float *GW = gw2 + (long)m * K * C1 * C2;
+            for (int i0 = 0; i0 < K * C1; i0 += TI) {
+                v16 a[TI];
+                for (int v = 0; v < TI; ++v) a[v] = load(GW + (i0 + v) * C2);
+                for (int t = 0; t < half; ++t) {
+                    const v16 gv = load(gl + (t + K - 1) * C2);
+                    const float *xr = xl + t * C1 + i0;
+                    for (int v = 0; v < TI; ++v) a[v] += gv * splat(xr[v]);
+                }
+                for (int v = 0; v < TI; ++v) store(GW + (i0 + v) * C2, a[v]);
             }
-            for (int j = half; j < half + TR; ++j) { store(gp[j], splat(0.f)); store(gp[j] + 16, splat(0.f)); }
+            /* conv2's input gradient: gx[r][ci] = sum_{k, co} g[r - k][co] w2[k][ci][co] */
+            const float *WT = T->w2t + (long)m * K * C2 * C1;
+            for (int r0 = 0; r0 < rows; r0 += TG) {
+                v16 a0[TG], a1[TG];
+                for (int u = 0; u < TG; ++u) { a0[u] = splat(0.f); a1[u] = splat(0.f); }
+                for (int k = 0; k < K; ++k)
+                    for (int co = 0; co < C2; ++co) {
+                        const v16 wa = load(WT + (k * C2 + co) * C1), wb = load(WT + (k * C2 + co) * C1 + 16);
+                        const float *gr = gl + (r0 - k + K - 1) * C2 + co; /* g[r - k], zero outside 0..half-1 */
+                        for (int u = 0; u < TG; ++u) {
+                            const v16 gv = splat(gr[u * C2]);
+                            a0[u] += wa * gv;
+                            a1[u] += wb * gv;
+                        }
+                    }
+                for (int u = 0; u < TG; ++u) { store(gx + (r0 + u) * C1, a0[u]); store(gx + (r0 + u) * C1 + 16, a1[u]); }
+            }
+            /* the padding rows' gradients fold onto the edge steps; then the pool and dropout scale */
+            for (int t = 0; t < P; ++t)
+                for (int h = 0; h < C1; h += 16) {
+                    store(gx + P * C1 + h, load(gx + P * C1 + h) + load(gx + t * C1 + h));
+                    store(gx + (P + half - 1) * C1 + h, load(gx + (P + half - 1) * C1 + h) + load(gx + (P + half + t) * C1 + h));
+                }
+            /* conv1's weight gradient: the pooled gradient where z1 > 0 and kept, times the windows */
+            const float sc = T->words ? 1.f : T->scale;
             for (int t0 = 0; t0 < Lc; t0 += TR) {
                 v16 a0[TR], a1[TR];
-                conv1_block(pl, KC, wt, C, c0, t0, a0, a1);
                 for (int u = 0; u < TR; ++u) {
-                    /* the pooled gradient where z > 0 and kept; rows past 2*half (pooled away) get 0 */
-                    const int j = (t0 + u) / 2, live = t0 + u < 2 * half;
-                    const long e = ((first + b) * L + t0 + u) * (long)C + c0;
-                    a0[u] = grad_kept(load(gp[j]), a0[u], live ? mask_bits(words, e) : 0);
-                    a1[u] = grad_kept(load(gp[j] + 16), a1[u], live ? mask_bits(words, e + 16) : 0);
+                    const int t = t0 + u, live = t < 2 * half; /* an odd last step is pooled away */
+                    const long e = (row0 + t) * C + m * C1;
+                    const float *gp = gx + (P + (live ? t / 2 : 0)) * C1;
+                    a0[u] = live ? grad_kept(load(gp) * splat(sc), load(z1 + t * C1), mask_bits(T->words, e)) : splat(0.f);
+                    a1[u] = live ? grad_kept(load(gp + 16) * splat(sc), load(z1 + t * C1 + 16), mask_bits(T->words, e + 16)) : splat(0.f);
                 }
-                for (int k = 0; k < KC; ++k) {
-                    float *wr = gw + (long)k * C + c0;
+                for (int k = 0; k < T->KC; ++k) {
+                    float *wr = gw1 + (long)k * C + m * C1;
                     v16 s0 = load(wr), s1 = load(wr + 16);
                     for (int u = 0; u < TR; ++u) {
-                        const v16 xv = splat(pl[(t0 + u) * KC + k]);
+                        const v16 xv = splat(pl[(t0 + u) * T->KC + k]);
                         s0 += a0[u] * xv;
                         s1 += a1[u] * xv;
                     }
@@ -314,17 +381,24 @@ int msda_conv_stage(const float *x, long row_stride, long offset, long n, int S,
                                  out + lo * per_sample))
 }
 
-int msda_conv1_forward(const float *win, int KC, long first, long n, int L, int C, const float *wt,
-                       const u64 *words, int pad, float scale, float *out, int threads) {
-    const long per_out = (long)(L / 2 + 2 * pad) * C;
-    SPLIT(threads, n, conv1_forward(win + lo * L * KC, KC, first + lo, hi - lo, L, C, wt, words, pad, scale,
-                                    out + lo * per_out))
+static int check(int KC, int L) { return KC > MAXKC || L > MAXL || L < 2 ? -1 : 0; }
+
+/* samples [first, first + n) of the batch; win, z and g point at the batch's first sample */
+int msda_conv12_forward(const float *win, int KC, long first, long n, int L, int M, const float *wt1,
+                        const u64 *words, float scale, const float *w2, const float *b2, float *z, int threads) {
+    if (check(KC, L)) return -1;
+    const Train T = {win, wt1, w2, b2, NULL, words, KC, L, M, scale};
+    const long per_out = (long)(L / 2) * M * C2;
+    SPLIT(threads, n, conv12_forward(&T, first + lo, hi - lo, z + (first + lo) * per_out))
 }
 
-/* gw: `threads` partial gradients (KC, C), one per part, to be summed by the caller */
-int msda_conv1_backward(const float *win, int KC, long first, long n, int L, int C, const float *wt,
-                        const u64 *words, int pad, float scale, const float *grad, float *gw, int threads) {
-    const long per_out = (long)(L / 2 + 2 * pad) * C;
-    SPLIT(threads, n, conv1_backward(win + lo * L * KC, KC, first + lo, hi - lo, L, C, wt, words, pad, scale,
-                                     grad + lo * per_out, gw + (long)i * KC * C))
+/* gw1 (KC, M*32) and gw2 (M, K, 32, 16): `threads` partial gradients each, one per part */
+int msda_conv12_backward(const float *win, int KC, long first, long n, int L, int M, const float *wt1,
+                         const u64 *words, float scale, const float *w2t, const float *g, float *gw1, float *gw2,
+                         int threads) {
+    if (check(KC, L)) return -1;
+    const Train T = {win, wt1, NULL, NULL, w2t, words, KC, L, M, scale};
+    const long per_out = (long)(L / 2) * M * C2;
+    SPLIT(threads, n, conv12_backward(&T, first + lo, hi - lo, g + (first + lo) * per_out,
+                                      gw1 + (long)i * KC * M * C1, gw2 + (long)i * M * K * C1 * C2))
 }

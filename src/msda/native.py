@@ -33,7 +33,6 @@ FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
 FILTERS, KERNEL, POOLS = (32, 16, 4), 5, (2, 2, 4)
 MAX_SERIES, MIN_LENGTH, MAX_LENGTH = 8, 8, 256
 _P = ctypes.c_void_p
-_CONV1_ARGTYPES = [_P, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_float]
 MAX_WINDOW = 64  # most values in a window of the first convolution (S * K + 1), _convstage.c's MAXKC
 _ARGTYPES = [_P, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P]
 
@@ -100,8 +99,9 @@ def conv_stage_library() -> ctypes.CDLL | None:
         warnings.warn(f"msda: could not build the C convolution stage ({exc}); CPU prediction uses the PyTorch path",
                       stacklevel=2)
         return None
-    for name, args in (("msda_conv_stage", _ARGTYPES), ("msda_conv1_forward", _CONV1_ARGTYPES + [_P]),
-                       ("msda_conv1_backward", _CONV1_ARGTYPES + [_P, _P])):
+    train = [_P, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P]
+    for name, args in (("msda_conv_stage", _ARGTYPES), ("msda_conv12_forward", train + [_P, _P]),
+                       ("msda_conv12_backward", train + [_P, _P, _P])):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args + [ctypes.c_int], ctypes.c_int  # the last: threads
     lib.msda_openmp.restype = ctypes.c_int
@@ -178,39 +178,49 @@ def _parallel(lib: ctypes.CDLL, n: int, call, what: str) -> int:
     return threads
 
 
-def conv1_supported(patches: torch.Tensor, channels: int, length: int) -> bool:
-    """Whether ``conv1_forward``/``conv1_backward`` take these (else the caller uses PyTorch)."""
+def train_supported(patches: torch.Tensor, length: int) -> bool:
+    """Whether ``conv12_forward``/``conv12_backward`` take these windows (else the caller uses PyTorch)."""
     return (patches.device.type == "cpu" and patches.dtype == torch.float32 and patches.shape[1] <= MAX_WINDOW
-            and channels % 32 == 0 and 2 <= length <= MAX_LENGTH)
+            and 2 <= length <= MAX_LENGTH)
 
 
-def conv1_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt: torch.Tensor, words: torch.Tensor | None,
-                  length: int, pad: int, scale: float) -> torch.Tensor:
-    """The first convolution of training (stacked.py), in C: pool2(dropout(relu(patches @ wt))),
-    replicate-padded by ``pad`` steps: patches (B * L, KC), wt (KC, C) -> (B, L / 2 + 2 pad, C).
+def conv12_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, words: torch.Tensor | None,
+                   length: int, scale: float, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """The first two convolutions of training (stacked.py) in C, conv1's output kept in cache:
+    z = conv2(pad(pool2(dropout(relu(patches @ wt1))))) + b2, before conv2's batch norm.
 
-    ``words``: the dropout mask's random bits (element r * C + c), None in eval mode."""
-    patches, wt = patches.contiguous(), wt.contiguous()
-    kc, c = wt.shape
+    patches (B * L, KC) windows; wt1 (KC, M*32) conv1 with its batch norm folded; ``words``
+    the dropout mask's random bits (element r * M*32 + c), None in eval mode (then the pool's
+    1/2 is ``scale``); w2 (M, 16, 32, K) as Conv1d stores it; b2 (M, 16) -> z (B, L/2, M*16).
+    """
+    patches, wt1 = patches.contiguous(), wt1.contiguous()
+    kc, m = wt1.shape[0], w2.shape[0]
     n = patches.shape[0] // length
-    out = patches.new_empty(n, length // 2 + 2 * pad, c)
+    w2k = w2.permute(0, 3, 2, 1).contiguous()  # (M, K, 32, 16): a row of output weights per (tap, channel)
+    b2 = b2.contiguous()
+    z = patches.new_empty(n, length // 2, m * FILTERS[1])
     wp = words.data_ptr() if words is not None else None
-    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_conv1_forward(
-        patches.data_ptr() + lo * length * kc * 4, kc, lo, hi - lo, length, c, wt.data_ptr(), wp, pad, scale,
-        out.data_ptr() + lo * out.stride(0) * 4, threads), f"window {kc}, length {length}, channels {c}")
-    return out
+    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_conv12_forward(
+        patches.data_ptr(), kc, lo, hi - lo, length, m, wt1.data_ptr(), wp, scale, w2k.data_ptr(), b2.data_ptr(),
+        z.data_ptr(), threads),
+        f"window {kc}, length {length}, members {m}")
+    return z
 
 
-def conv1_backward(lib: ctypes.CDLL, patches: torch.Tensor, wt: torch.Tensor, words: torch.Tensor | None,
-                   length: int, pad: int, scale: float, grad: torch.Tensor) -> torch.Tensor:
-    """The weight gradient (C, KC) of ``conv1_forward`` for the output gradient ``grad``."""
-    patches, wt, grad = patches.contiguous(), wt.contiguous(), grad.contiguous()
-    kc, c = wt.shape
+def conv12_backward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, words: torch.Tensor | None,
+                    length: int, scale: float, w2: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight gradients of ``conv12_forward`` for the gradient g (B, L/2, M*16) of z: conv1's
+    (M*32, KC) and conv2's (M, 16, 32, K); conv2's bias gradient is g summed over samples and steps."""
+    patches, wt1, g = patches.contiguous(), wt1.contiguous(), g.contiguous()
+    kc, m = wt1.shape[0], w2.shape[0]
     n = patches.shape[0] // length
-    parts = patches.new_zeros(_threads(n), kc, c)
+    w2t = w2.permute(0, 3, 1, 2).contiguous()  # (M, K, 16, 32)
+    threads = _threads(n)
+    gw1 = patches.new_zeros(threads, kc, m * FILTERS[0])
+    gw2 = patches.new_zeros(threads, m, KERNEL, FILTERS[0], FILTERS[1])
     wp = words.data_ptr() if words is not None else None
-    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv1_backward(
-        patches.data_ptr() + lo * length * kc * 4, kc, lo, hi - lo, length, c, wt.data_ptr(), wp, pad, scale,
-        grad.data_ptr() + lo * grad.stride(0) * 4, parts[part].data_ptr(), threads),
-        f"window {kc}, length {length}, channels {c}")
-    return parts.sum(0).t()
+    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv12_backward(
+        patches.data_ptr(), kc, lo, hi - lo, length, m, wt1.data_ptr(), wp, scale, w2t.data_ptr(), g.data_ptr(),
+        gw1[part].data_ptr(), gw2[part].data_ptr(), threads),
+        f"window {kc}, length {length}, members {m}")
+    return gw1.sum(0).t(), gw2.sum(0).permute(0, 3, 2, 1)

@@ -157,7 +157,7 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool, pad: int = 0, lib=None):
+    def forward(ctx, patches: torch.Tensor, w: torch.Tensor, length: int, training: bool, pad: int = 0):
         rows, c = patches.shape[0], w.shape[0]
         batch, half = rows // length, length // 2
         # even: tiles start on whole mask words; a GPU has no use for cache-sized tiles
@@ -165,9 +165,7 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
         wt = w.t().contiguous()
         words = _coin_words(rows * c, patches.device) if training else None
         ctx.save_for_backward(patches, wt, words)
-        ctx.training, ctx.length, ctx.per_tile, ctx.pad, ctx.lib = training, length, per_tile, pad, lib
-        if lib is not None:  # the same in C, per sample in cache (native.py), same mask bits
-            return native.conv1_forward(lib, patches, wt, words, length, pad, 1.0 if training else 0.5)
+        ctx.training, ctx.length, ctx.per_tile, ctx.pad = training, length, per_tile, pad
         out = patches.new_empty(batch, half + 2 * pad, c)
         core = out[:, pad : pad + half]
         buf = patches.new_empty(min(per_tile, batch) * length, c)
@@ -193,13 +191,11 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[1]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None
         patches, wt, words = ctx.saved_tensors
         length, per_tile, pad = ctx.length, ctx.per_tile, ctx.pad
         batch, c, half = patches.shape[0] // length, wt.shape[1], length // 2
         scale = 1.0 if ctx.training else 0.5
-        if ctx.lib is not None:
-            return None, native.conv1_backward(ctx.lib, patches, wt, words, length, pad, scale, grad), None, None, None, None
         grad_w = patches.new_zeros(c, patches.shape[1])
         buf = patches.new_empty(min(per_tile, batch) * length, c)
         for a in range(0, batch, per_tile):
@@ -211,7 +207,7 @@ class _LinearReluDropoutPool2(torch.autograd.Function):
             kept = _LinearReluDropoutPool2._kept(patches, wt, words, a, b, length, buf)
             gz = _pair_backward(g, kept, 1)
             grad_w.addmm_(gz.reshape(-1, c).t(), patches[a * length : b * length])
-        return None, grad_w, None, None, None, None
+        return None, grad_w, None, None, None
 
 
 def _avg_pool(x: torch.Tensor, window: int, ceil: bool = False) -> torch.Tensor:
@@ -293,9 +289,40 @@ class _Conv(nn.Module):
         x4 = padded.permute(0, 2, 1).unsqueeze(2)  # (B, k*c_in, 1, L+4), channels-last strides
         w4 = w.flatten(0, 1).unsqueeze(2).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x4, w4, self.bias[members].flatten(), groups=k)  # (B, k*c_out, 1, L)
-        y = y.squeeze(2).permute(0, 2, 1).reshape(b * length, -1)  # (B*L, k*c_out), no copy
-        y = self.bn(y, members).view(b, length, -1)
+        return self.after(y.squeeze(2).permute(0, 2, 1).reshape(b * length, -1), b, training, members)  # no copy
+
+    def after(self, y: torch.Tensor, batch: int, training: bool, members: slice) -> torch.Tensor:
+        """pool2(dropout(relu(bn(y)))) of the convolution's output y (B * L, k * c_out) -> (B, L / 2, k * c_out)."""
+        y = self.bn(y, members).view(batch, y.shape[0] // batch, -1)
         return _ReluDropoutPool2.apply(y, training, 1)
+
+
+class _NativeConv12(torch.autograd.Function):
+    """The first two convolutions in C (``native.conv12_forward``), up to conv2's batch norm.
+
+    patches (B * L, KC) and the folded first-layer weights ``fused`` (k*32, KC) as
+    ``_LinearReluDropoutPool2`` takes them; conv2's weight (k, 16, 32, K) and bias (k, 16) ->
+    conv2's output (B * L/2, k*16). conv1's output, the largest activation, exists only in
+    cache, per sample and member; the backward pass makes it again from the windows and the
+    dropout mask's random words.
+    """
+
+    @staticmethod
+    def forward(ctx, patches, fused, weight, bias, length: int, training: bool, lib) -> torch.Tensor:
+        wt1 = fused.t().contiguous()
+        words = _coin_words(patches.shape[0] * wt1.shape[1], patches.device) if training else None
+        ctx.save_for_backward(patches, wt1, words, weight)
+        ctx.length, ctx.training, ctx.lib = length, training, lib
+        z = native.conv12_forward(lib, patches, wt1, words, length, 1.0 if training else 0.5, weight, bias)
+        return z.view(-1, z.shape[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        patches, wt1, words, weight = ctx.saved_tensors
+        n = patches.shape[0] // ctx.length
+        g1, g2 = native.conv12_backward(ctx.lib, patches, wt1, words, ctx.length, 1.0 if ctx.training else 0.5,
+                                        weight, grad.view(n, -1, grad.shape[1]))
+        return None, g1, g2, grad.sum(0).view(weight.shape[0], -1), None, None, None
 
 
 class _ToeplitzConv(_Conv):
@@ -354,12 +381,16 @@ class _SharedConv(_Conv):
         training: bool,
         members: slice,
         length: int,
-        lib=None,
     ) -> torch.Tensor:
         """patches (B * L, c_in * K + 1); stats (mu, Sigma, n) of the windows in training mode, else None.
 
         Returns pool(dropout(relu(bn(conv)))) replicate-padded for the next convolution: (B, L / 2 + 4, k * c_out).
         """
+        return _LinearReluDropoutPool2.apply(patches, self.fused(stats, members), length, training, KERNEL // 2)
+
+    def fused(self, stats: tuple[torch.Tensor, torch.Tensor, int] | None, members: slice) -> torch.Tensor:
+        """The weights (k * c_out, c_in * K + 1) with batch norm folded in and the bias as the last
+        column; with ``stats`` (training), the running statistics move as batch norm's would."""
         w = self.weight[members].flatten(2).flatten(0, 1)  # (k * c_out, c_in * K)
         b = self.bias[members].flatten()
         bn = self.bn
@@ -376,8 +407,7 @@ class _SharedConv(_Conv):
         else:
             mean, var = bn.running_mean[members].flatten(), bn.running_var[members].flatten()
         scale = gamma * torch.rsqrt(var + _BN_EPS)
-        fused = torch.cat((w * scale[:, None], ((b - mean) * scale + beta)[:, None]), dim=1)
-        return _LinearReluDropoutPool2.apply(patches, fused, length, training, KERNEL // 2, lib)  # (B, L/2 + 4, k*c_out)
+        return torch.cat((w * scale[:, None], ((b - mean) * scale + beta)[:, None]), dim=1)
 
     @staticmethod
     def patches(series: torch.Tensor, training: bool):
@@ -518,7 +548,8 @@ class StackedEnsemble(nn.Module):
         series = x[:, self.n_scalars :].reshape(b, self.n_series, self.length)
         patches, stats = _SharedConv.patches(series, self.training)
         lib = self._library(patches)
-        conv = torch.cat([self._conv_stage(patches, stats, training, part, lib) for part in self._member_chunks(b)], dim=1)
+        chunks = [slice(0, m)] if lib is not None else self._member_chunks(b)  # C keeps conv1's output in cache
+        conv = torch.cat([self._conv_stage(patches, stats, training, part, lib) for part in chunks], dim=1)
         shared = torch.cat((scalars, series.mean(dim=2)), dim=1)
         base = torch.cat((shared.unsqueeze(1).expand(b, m, shared.shape[1]), conv), dim=2)
         base = self.norm(base.reshape(b, -1)).view(b, m, self.n_in).transpose(0, 1)  # (m, B, n_in)
@@ -543,19 +574,23 @@ class StackedEnsemble(nn.Module):
         return [slice(a, min(a + k, len(self.specs))) for a in range(0, len(self.specs), k)]
 
     def _library(self, patches: torch.Tensor):
-        """The C kernels for the first convolution, or None (PyTorch operations)."""
+        """The C kernels for the first two convolutions, or None (PyTorch operations)."""
         if self.native is False:
             return None
-        fits = native.conv1_supported(patches, CONV_FILTERS[0], self.length)
-        lib = native.conv_stage_library() if fits else None
+        lib = native.conv_stage_library() if native.train_supported(patches, self.length) else None
         if lib is None and self.native:
-            raise MsdaError("native=True: the C convolution needs a float32 model on CPU, series of "
+            raise MsdaError("native=True: the C convolutions need a float32 model on CPU, series of "
                             f"2-{native.MAX_LENGTH} steps and a C compiler (see msda/native.py)")
         return lib
 
     def _conv_stage(self, patches: torch.Tensor, stats, training: bool, part: slice, lib=None) -> torch.Tensor:
         """Temporal features of the members in ``part``: (B, k, 4 * L3), channel-major per member."""
-        h = self.conv2(self.conv1(patches, stats, training, part, self.length, lib), training, part)
+        if lib is not None:
+            z = _NativeConv12.apply(patches, self.conv1.fused(stats, part), self.conv2.weight[part],
+                                    self.conv2.bias[part], self.length, training, lib)
+            h = self.conv2.after(z, patches.shape[0] // self.length, training, part)
+        else:
+            h = self.conv2(self.conv1(patches, stats, training, part, self.length), training, part)
         h = self.conv3(h, training, part)
         return h.reshape(h.shape[0], part.stop - part.start, -1)
 
