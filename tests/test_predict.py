@@ -116,3 +116,14 @@ def test_compiled_conv_stage_matches(small_ensemble):
     got = FusedEnsemble(small_ensemble, compile=True).member_outputs(x)
     with torch.no_grad():
         torch.testing.assert_close(got, small_ensemble.member_outputs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [None, False])
+def test_member_features_equal_modules(full_ensemble, native):
+    """The bottleneck features (after its batch norm) and outputs of every member, as the modules give them."""
+    x = torch.rand(50, 153, generator=torch.Generator().manual_seed(2))
+    y, f = FusedEnsemble(full_ensemble, native=native).member_features(x)
+    with torch.no_grad():
+        ref = [m.eval()(x, return_features=True) for m in full_ensemble.members]
+    torch.testing.assert_close(y, torch.stack([r[0] for r in ref]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f, torch.stack([r[1] for r in ref]), rtol=1e-4, atol=1e-4)

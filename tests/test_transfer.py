@@ -91,7 +91,7 @@ def test_epoch_batches_cover_each_sample_once():
 def test_eq4_makes_terms_equal_at_start():
     e = DenseSME(SPECS, seed=0)
     data = _data(shift=0.2)
-    beta = eq4_beta(StackedEnsemble.from_ensemble(e), data, alpha=0.7, domain_loss="coral")
+    beta = eq4_beta(e, data, alpha=0.7, domain_loss="coral")
     e.eval()
     with torch.no_grad():
         for k, m in enumerate(e.members):

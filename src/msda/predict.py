@@ -79,6 +79,7 @@ class _FusedMember(nn.Module):
         self.fc_b = fc.linear1.bias.detach().clone()
         # out(bn(relu(z))) = (w_out * scale) . relu(z) + (w_out . shift + b_out)
         scale, shift = _bn_affine(fc.bn1)
+        self.feat_scale, self.feat_shift = scale.detach().clone(), shift.detach().clone()
         self.out_w = (m.out.weight[0] * scale).detach().reshape(-1, 1).contiguous()
         self.out_b = (m.out.weight[0] @ shift + m.out.bias[0]).detach().reshape(1)
 
@@ -89,7 +90,8 @@ class _FusedMember(nn.Module):
         self.blocks = [[(w.to(device), b.to(device)) for w, b in blk] for blk in self.blocks]
         return self
 
-    def forward(self, h0: torch.Tensor) -> torch.Tensor:
+    def forward(self, h0: torch.Tensor, features: bool = False):
+        """The member's output (B,), and with ``features`` also its bottleneck features (B, 32)."""
         x = torch.addcmul(self.norm_shift, h0, self.norm_scale)
         for (w1, b1), (w2, b2), (w3, b3) in self.blocks:
             h = torch.addmm(b1, x, w1).relu_()
@@ -97,7 +99,8 @@ class _FusedMember(nn.Module):
             h = torch.addmm(b3, h, w3).relu_()
             x = torch.cat((h, x), dim=1)
         z = torch.addmm(self.fc_b, x, self.fc_w).relu_()
-        return torch.addmm(self.out_b, z, self.out_w).squeeze(1)
+        out = torch.addmm(self.out_b, z, self.out_w).squeeze(1)
+        return (out, torch.addcmul(self.feat_shift, z, self.feat_scale)) if features else out
 
 
 def _replicate_pad(x: torch.Tensor, dim: int, pad: int = KERNEL // 2) -> torch.Tensor:
@@ -210,17 +213,28 @@ class FusedEnsemble:
     @torch.inference_mode()
     def member_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's prediction for normalised inputs x, shape (batch, n_members)."""
-        b = x.shape[0]
-        if b == 0:
+        if x.shape[0] == 0:
             return torch.empty(0, self.n_members, device=x.device, dtype=x.dtype)
+        return self._dense_all(*self._shared_and_conv(x))
+
+    @torch.inference_mode()
+    def member_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's prediction (n_members, batch) and bottleneck features (n_members, batch, 32),
+        the 32 values the domain losses compare (after the bottleneck's batch norm)."""
+        shared, conv = self._shared_and_conv(x)
+        outs = [member(torch.cat((shared, conv[:, j]), dim=1), features=True) for j, member in enumerate(self.dense)]
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+
+    def _shared_and_conv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scalars and series means (B, n_scalars + S) and every member's temporal features (B, M, 4 * L3)."""
+        b = x.shape[0]
         scalars = x[:, : self.n_scalars]
         series = x[:, self.n_scalars :].reshape(b, self.n_series, self.length)
         if self.native is not None:
             conv = self.native(x, self.n_scalars)
         else:
             conv = torch.cat([self._conv_chunk(s) for s in series.split(self.conv_batch)])
-        shared = torch.cat((scalars, series.mean(dim=2)), dim=1)
-        return self._dense_all(shared, conv)
+        return torch.cat((scalars, series.mean(dim=2)), dim=1), conv
 
     def _dense_all(self, shared: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(torch.cat((shared, conv[:, j]), dim=1)) for j, member in enumerate(self.dense)], 1)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from msda.errors import MsdaError
 from msda.losses import DOMAIN_LOSSES, mse
 from msda.model import DenseSME
+from msda.predict import FusedEnsemble
 from msda.runtime import tune_allocator
 from msda.schema import FeatureSchema
 from msda.stacked import PartedEnsemble, StackedEnsemble
@@ -216,24 +217,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 @torch.no_grad()
-def eq4_beta(stacked: StackedEnsemble | PartedEnsemble, data: FitData, alpha: float, domain_loss: str, chunk: int = 8192) -> torch.Tensor:
+def eq4_beta(ensemble: DenseSME, data: FitData, alpha: float, domain_loss: str, chunk: int = 8192) -> torch.Tensor:
     """Eq. 4 per member: beta = alpha * MSE_50m / D(labeled, target), pretrained member, eval mode.
 
     Both terms use all labeled and all target samples, so that ``beta * D = alpha * MSE`` at the
-    start of training. A member whose D is 0 gets beta 0.
+    start of training. A member whose D is 0 gets beta 0. Runs on the inference engine
+    (``FusedEnsemble``: batch norms folded, convolutions in C on CPU), on the data's device.
     """
     if data.x_target is None:
         raise TransferError("beta = auto needs target samples")
-    was_training = stacked.training
-    stacked.eval()
+    engine = FusedEnsemble(ensemble, device=data.x_labeled.device)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outs = [stacked(part) for part in x.split(chunk)]
+        outs = [engine.member_features(part) for part in x.split(chunk)]
         return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
 
     y, f_s = run(data.x_labeled)
     _, f_t = run(data.x_target)
-    stacked.train(was_training)
     fine = mse(y, data.y_labeled)
     dom = DOMAIN_LOSSES[domain_loss](f_s.double(), f_t.double()).to(fine.dtype)
     return torch.where(dom > 0, alpha * fine / dom.clamp_min(torch.finfo(fine.dtype).tiny), torch.zeros_like(fine))
@@ -280,7 +280,7 @@ def fit(
         x_lab, y_lab = data.x_labeled.to(device), data.y_labeled.to(device)
         m = len(ensemble.specs)
         if weights.beta == "auto":
-            beta = eq4_beta(stacked, FitData(x_lab, y_lab, x_target=data.x_target.to(device)), weights.alpha, weights.domain_loss)
+            beta = eq4_beta(ensemble, FitData(x_lab, y_lab, x_target=data.x_target.to(device)), weights.alpha, weights.domain_loss)
         else:
             beta = torch.full((m,), float(weights.beta), device=device)
         order = torch.tensor(stacked.order, device=device)
