@@ -31,16 +31,24 @@ from msda.schema import DEFAULT_SCHEMA
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _show(rev: str, path: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def module_at(rev: str, name: str, folder: Path):
-    """``msda.<name>`` as it is at git revision ``rev``, imported under another name."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/msda/{name}.py"],
-                            capture_output=True, text=True, check=True).stdout
+    """``msda.<name>`` as it is at git revision ``rev``, imported under another name; its
+    ``native`` (the C kernels, if it uses them) is also the one at ``rev``, with its C source."""
     path = folder / f"{name}_at_rev.py"
-    path.write_text(source)
+    path.write_text(_show(rev, f"src/msda/{name}.py"))
+    if name == "native":
+        (folder / "_convstage.c").write_text(_show(rev, "src/msda/_convstage.c"))
     spec = importlib.util.spec_from_file_location(f"{name}_at_rev", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
+    if name != "native" and hasattr(module, "native"):
+        module.native = sys.modules.get("native_at_rev") or module_at(rev, "native", folder)
     return module
 
 

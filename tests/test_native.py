@@ -121,7 +121,9 @@ def _convs12(use_c, lib, patches, fused, w2, b2, length, training, grad, seed=11
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same dropout words on both paths
         if use_c:
-            z = _NativeConv12.apply(patches, fused, w2, b2, length, training, lib)
+            z, stats = _NativeConv12.apply(patches, fused, w2, b2, length, training, lib)
+            var, mean = torch.var_mean(z.detach().double(), dim=0, correction=0)  # the kernel's statistics
+            torch.testing.assert_close(stats, torch.stack((mean, var)), rtol=1e-5, atol=1e-5)
         else:
             h = _LinearReluDropoutPool2.apply(patches, fused, length, training, 2)  # (B, L/2 + 4, m*32)
             z = F.conv1d(h.transpose(1, 2), w2.flatten(0, 1), b2.flatten(), groups=m)
@@ -177,7 +179,7 @@ def test_stacked_training_with_c_equals_pytorch(full_ensemble, monkeypatch):
         results.append((y.detach(), f.detach(), {k: p.grad for k, p in st.named_parameters()}))
     (y1, f1, g1), (y2, f2, g2) = results
     torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(f1, f2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f1, f2, rtol=1e-4, atol=1e-4)  # batch-normalised: float32 round-off of the statistics
     for name in g2:
         scale = g2[name].abs().max().item()
         if re.search(r"(conv\d|linear\d)\.bias$", name):  # biases before a batch norm: zero gradient, up to round-off

@@ -247,7 +247,7 @@ static void conv1_member(const Train *T, const float *pl, int Lc, long row0, int
     for (int t = half + 2 * P; t < half + 2 * P + T2; ++t) { store(xl + t * C1, splat(0.f)); store(xl + t * C1 + 16, splat(0.f)); }
 }
 
-static int conv12_forward(const Train *T, long first, long n, float *z) {
+static int conv12_forward(const Train *T, long first, long n, float *z, double *stats) {
     const int half = T->L / 2, Cout = T->M * C2;
     float pl[(MAXL + TR) * MAXKC];
     float xl[(MAXH + 2 * P + T2) * C1] __attribute__((aligned(64)));
@@ -258,6 +258,7 @@ static int conv12_forward(const Train *T, long first, long n, float *z) {
             const float *W = T->w2 + (long)m * K * C1 * C2;
             const v16 bias = load(T->b2 + m * C2);
             float *out = z + s * half * Cout + m * C2;
+            v16 sum = splat(0.f), sq = splat(0.f);
             for (int t0 = 0; t0 < half; t0 += T2) {
                 v16 a[T2];
                 for (int u = 0; u < T2; ++u) a[u] = bias;
@@ -266,7 +267,17 @@ static int conv12_forward(const Train *T, long first, long n, float *z) {
                     const float *xr = xl + t0 * C1 + i;
                     for (int u = 0; u < T2; ++u) a[u] += wv * splat(xr[u * C1]);
                 }
-                for (int u = 0; u < T2 && t0 + u < half; ++u) store(out + (long)(t0 + u) * Cout, a[u]);
+                for (int u = 0; u < T2 && t0 + u < half; ++u) {
+                    store(out + (long)(t0 + u) * Cout, a[u]);
+                    sum += a[u];
+                    sq += a[u] * a[u];
+                }
+            }
+            if (stats) { /* the sample's sums over its steps, then in double over samples */
+                float fs[16], fq[16];
+                store(fs, sum);
+                store(fq, sq);
+                for (int c = 0; c < C2; ++c) { stats[m * C2 + c] += fs[c]; stats[Cout + m * C2 + c] += fq[c]; }
             }
         }
     }
@@ -352,6 +363,77 @@ static int conv12_backward(const Train *T, long first, long n, const float *g, f
     return 0;
 }
 
+/* ---- Training: conv2's batch norm, ReLU, dropout and pool of step pairs, fused --------------------
+ *
+ * z (n, L, C): conv2's output, C = M*16 channels; per channel a = gamma / std and c = beta -
+ * mean * a (training-mode batch statistics), so y = z * a + c. Forward: out (n, L/2, C) = the
+ * sum of each pair of steps of relu(y), kept where the mask bit (row r, channel ch) = bit
+ * r*C + ch of `words` is set (dropout's x2 and the pool's /2 cancel); words == NULL: no
+ * dropout, the pool's 1/2 is `scale`. Backward, for the gradient go of out: gy, the gradient of
+ * y (go where y > 0 and kept), is made again from z; pass 1 sums gy and gy * xhat per channel
+ * (xhat = (z - mean) / std), pass 2 writes batch norm's input gradient
+ * gz = a * (gy - mean(gy) - xhat * mean(gy * xhat)), the means taken over all n*L rows.
+ */
+typedef struct {
+    const float *z, *a, *c, *mean, *istd, *go;
+    const u64 *words;
+    int L, C;
+    float scale;
+} BnPool;
+
+/* gy of row t of sample s (global), channels ch .. ch+15 */
+static inline v16 bn_gy(const BnPool *B, long s, int t, int ch, v16 zv) {
+    const int half = B->L / 2;
+    if (t >= 2 * half) return splat(0.f); /* an odd last step is pooled away */
+    const v16 y = zv * load(B->a + ch) + load(B->c + ch);
+    const v16 go = load(B->go + (s * half + t / 2) * B->C + ch) * splat(B->words ? 1.f : B->scale);
+    return grad_kept(go, y, mask_bits(B->words, (s * B->L + t) * (long)B->C + ch));
+}
+
+static int bnpool_forward(const BnPool *B, long first, long n, float *out) {
+    const int L = B->L, C = B->C, half = L / 2;
+    for (long s = first; s < first + n; ++s)
+        for (int j = 0; j < half; ++j)
+            for (int ch = 0; ch < C; ch += 16) {
+                const v16 a = load(B->a + ch), c = load(B->c + ch);
+                const long r0 = s * L + 2 * j;
+                v16 y0 = relu_kept(load(B->z + r0 * C + ch) * a + c, mask_bits(B->words, r0 * C + ch));
+                v16 y1 = relu_kept(load(B->z + (r0 + 1) * C + ch) * a + c, mask_bits(B->words, (r0 + 1) * C + ch));
+                v16 o = y0 + y1;
+                if (!B->words) o *= splat(B->scale);
+                store(out + (s * half + j) * C + ch, o);
+            }
+    return 0;
+}
+
+static int bnpool_sums(const BnPool *B, long first, long n, float *sums /* (2, C) */) {
+    const int L = B->L, C = B->C;
+    for (long s = first; s < first + n; ++s)
+        for (int t = 0; t < L; ++t)
+            for (int ch = 0; ch < C; ch += 16) {
+                const v16 zv = load(B->z + (s * L + t) * C + ch);
+                const v16 gy = bn_gy(B, s, t, ch, zv);
+                const v16 xhat = (zv - load(B->mean + ch)) * load(B->istd + ch);
+                store(sums + ch, load(sums + ch) + gy);
+                store(sums + C + ch, load(sums + C + ch) + gy * xhat);
+            }
+    return 0;
+}
+
+static int bnpool_backward(const BnPool *B, long first, long n, const float *means /* (2, C) */, float *gz) {
+    const int L = B->L, C = B->C;
+    for (long s = first; s < first + n; ++s)
+        for (int t = 0; t < L; ++t)
+            for (int ch = 0; ch < C; ch += 16) {
+                const long r = (s * L + t) * C + ch;
+                const v16 zv = load(B->z + r);
+                const v16 gy = bn_gy(B, s, t, ch, zv);
+                const v16 xhat = (zv - load(B->mean + ch)) * load(B->istd + ch);
+                store(gz + r, load(B->a + ch) * (gy - load(means + ch) - xhat * load(means + C + ch)));
+            }
+    return 0;
+}
+
 /* ---- Entry points: samples split over `threads` parts. Built with OpenMP (native.py tries
  * -fopenmp first), the parts run on the OpenMP runtime PyTorch has loaded (same soname), so
  * its worker threads are not left spinning against ours; without OpenMP they run one after
@@ -384,12 +466,15 @@ int msda_conv_stage(const float *x, long row_stride, long offset, long n, int S,
 static int check(int KC, int L) { return KC > MAXKC || L > MAXL || L < 2 ? -1 : 0; }
 
 /* samples [first, first + n) of the batch; win, z and g point at the batch's first sample */
+/* stats: NULL, or `threads` partial (sum, sum of squares) of z per channel, (2, M*16) each, zeroed */
 int msda_conv12_forward(const float *win, int KC, long first, long n, int L, int M, const float *wt1,
-                        const u64 *words, float scale, const float *w2, const float *b2, float *z, int threads) {
+                        const u64 *words, float scale, const float *w2, const float *b2, float *z, double *stats,
+                        int threads) {
     if (check(KC, L)) return -1;
     const Train T = {win, wt1, w2, b2, NULL, words, KC, L, M, scale};
     const long per_out = (long)(L / 2) * M * C2;
-    SPLIT(threads, n, conv12_forward(&T, first + lo, hi - lo, z + (first + lo) * per_out))
+    SPLIT(threads, n, conv12_forward(&T, first + lo, hi - lo, z + (first + lo) * per_out,
+                                     stats ? stats + (long)i * 2 * M * C2 : NULL))
 }
 
 /* gw1 (KC, M*32) and gw2 (M, K, 32, 16): `threads` partial gradients each, one per part */
@@ -401,4 +486,29 @@ int msda_conv12_backward(const float *win, int KC, long first, long n, int L, in
     const long per_out = (long)(L / 2) * M * C2;
     SPLIT(threads, n, conv12_backward(&T, first + lo, hi - lo, g + (first + lo) * per_out,
                                       gw1 + (long)i * KC * M * C1, gw2 + (long)i * M * K * C1 * C2))
+}
+
+/* z, go, out, gz point at the batch's first sample; samples [first, first + n); C a multiple of 16 */
+int msda_bnpool_forward(const float *z, long first, long n, int L, int C, const float *a, const float *c,
+                        const u64 *words, float scale, float *out, int threads) {
+    if (C % 16 || L < 2) return -1;
+    const BnPool B = {z, a, c, NULL, NULL, NULL, words, L, C, scale};
+    SPLIT(threads, n, bnpool_forward(&B, first + lo, hi - lo, out))
+}
+
+/* sums: `threads` partials (2, C) each, zeroed by the caller */
+int msda_bnpool_sums(const float *z, long first, long n, int L, int C, const float *a, const float *c,
+                     const float *mean, const float *istd, const u64 *words, float scale, const float *go,
+                     float *sums, int threads) {
+    if (C % 16 || L < 2) return -1;
+    const BnPool B = {z, a, c, mean, istd, go, words, L, C, scale};
+    SPLIT(threads, n, bnpool_sums(&B, first + lo, hi - lo, sums + (long)i * 2 * C))
+}
+
+int msda_bnpool_backward(const float *z, long first, long n, int L, int C, const float *a, const float *c,
+                         const float *mean, const float *istd, const u64 *words, float scale, const float *go,
+                         const float *means, float *gz, int threads) {
+    if (C % 16 || L < 2) return -1;
+    const BnPool B = {z, a, c, mean, istd, go, words, L, C, scale};
+    SPLIT(threads, n, bnpool_backward(&B, first + lo, hi - lo, means, gz))
 }

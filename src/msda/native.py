@@ -100,8 +100,12 @@ def conv_stage_library() -> ctypes.CDLL | None:
                       stacklevel=2)
         return None
     train = [_P, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P]
-    for name, args in (("msda_conv_stage", _ARGTYPES), ("msda_conv12_forward", train + [_P, _P]),
-                       ("msda_conv12_backward", train + [_P, _P, _P])):
+    bn = [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P]
+    for name, args in (("msda_conv_stage", _ARGTYPES), ("msda_conv12_forward", train + [_P, _P, _P]),
+                       ("msda_conv12_backward", train + [_P, _P, _P]),
+                       ("msda_bnpool_forward", bn + [_P, ctypes.c_float, _P]),
+                       ("msda_bnpool_sums", bn + [_P, _P, _P, ctypes.c_float, _P, _P]),
+                       ("msda_bnpool_backward", bn + [_P, _P, _P, ctypes.c_float, _P, _P, _P])):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args + [ctypes.c_int], ctypes.c_int  # the last: threads
     lib.msda_openmp.restype = ctypes.c_int
@@ -185,13 +189,15 @@ def train_supported(patches: torch.Tensor, length: int) -> bool:
 
 
 def conv12_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, words: torch.Tensor | None,
-                   length: int, scale: float, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+                   length: int, scale: float, w2: torch.Tensor, b2: torch.Tensor,
+                   stats: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first two convolutions of training (stacked.py) in C, conv1's output kept in cache:
     z = conv2(pad(pool2(dropout(relu(patches @ wt1))))) + b2, before conv2's batch norm.
 
     patches (B * L, KC) windows; wt1 (KC, M*32) conv1 with its batch norm folded; ``words``
     the dropout mask's random bits (element r * M*32 + c), None in eval mode (then the pool's
-    1/2 is ``scale``); w2 (M, 16, 32, K) as Conv1d stores it; b2 (M, 16) -> z (B, L/2, M*16).
+    1/2 is ``scale``); w2 (M, 16, 32, K) as Conv1d stores it; b2 (M, 16) -> z (B, L/2, M*16),
+    and with ``stats`` z's mean and (biased) variance per channel (float64), else None.
     """
     patches, wt1 = patches.contiguous(), wt1.contiguous()
     kc, m = wt1.shape[0], w2.shape[0]
@@ -200,11 +206,15 @@ def conv12_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, w
     b2 = b2.contiguous()
     z = patches.new_empty(n, length // 2, m * FILTERS[1])
     wp = words.data_ptr() if words is not None else None
-    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_conv12_forward(
+    sums = z.new_zeros(_threads(n), 2, z.shape[2], dtype=torch.float64) if stats else None
+    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv12_forward(
         patches.data_ptr(), kc, lo, hi - lo, length, m, wt1.data_ptr(), wp, scale, w2k.data_ptr(), b2.data_ptr(),
-        z.data_ptr(), threads),
+        z.data_ptr(), sums[part].data_ptr() if stats else None, threads),
         f"window {kc}, length {length}, members {m}")
-    return z
+    if not stats:
+        return z, None
+    total = sums.sum(0) / (n * (length // 2))
+    return z, torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
 
 
 def conv12_backward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, words: torch.Tensor | None,
@@ -224,3 +234,39 @@ def conv12_backward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, 
         gw1[part].data_ptr(), gw2[part].data_ptr(), threads),
         f"window {kc}, length {length}, members {m}")
     return gw1.sum(0).t(), gw2.sum(0).permute(0, 3, 2, 1)
+
+
+def bnpool_forward(lib: ctypes.CDLL, z: torch.Tensor, a: torch.Tensor, c: torch.Tensor, words: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """Batch norm (as y = z * a + c per channel), ReLU, dropout and a pool of step pairs, in C:
+    z (B, L, C) -> (B, L/2, C); ``words`` the dropout mask's bits (element r * C + ch), None
+    for no dropout (then the pool's 1/2 is ``scale``)."""
+    z, a, c = z.contiguous(), a.contiguous(), c.contiguous()
+    n, length, ch = z.shape
+    out = z.new_empty(n, length // 2, ch)
+    wp = words.data_ptr() if words is not None else None
+    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_bnpool_forward(
+        z.data_ptr(), lo, hi - lo, length, ch, a.data_ptr(), c.data_ptr(), wp, scale, out.data_ptr(), threads),
+        f"length {length}, channels {ch}")
+    return out
+
+
+def bnpool_backward(lib: ctypes.CDLL, z: torch.Tensor, a: torch.Tensor, c: torch.Tensor, mean: torch.Tensor,
+                    istd: torch.Tensor, words: torch.Tensor | None, scale: float, go: torch.Tensor):
+    """Gradients of ``bnpool_forward`` (training-mode batch norm with batch mean and 1/std ``istd``)
+    for the output gradient go (B, L/2, C): z's (B, L, C), and the sums of gy and gy * xhat per
+    channel (the gradients of the batch norm's bias and weight)."""
+    z, go = z.contiguous(), go.contiguous()
+    n, length, ch = z.shape
+    wp = words.data_ptr() if words is not None else None
+    sums = z.new_zeros(_threads(n), 2, ch)
+    args = lambda lo, hi: (z.data_ptr(), lo, hi - lo, length, ch, a.data_ptr(), c.data_ptr(), mean.data_ptr(),  # noqa: E731
+                           istd.data_ptr(), wp, scale, go.data_ptr())
+    what = f"length {length}, channels {ch}"
+    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_bnpool_sums(*args(lo, hi), sums[part].data_ptr(), threads), what)
+    total = sums.sum(0)
+    means = (total / (n * length)).contiguous()
+    gz = torch.empty_like(z)
+    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_bnpool_backward(*args(lo, hi), means.data_ptr(), gz.data_ptr(),
+                                                                        threads), what)
+    return gz, total[0], total[1]

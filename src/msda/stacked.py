@@ -291,8 +291,23 @@ class _Conv(nn.Module):
         y = F.conv2d(x4, w4, self.bias[members].flatten(), groups=k)  # (B, k*c_out, 1, L)
         return self.after(y.squeeze(2).permute(0, 2, 1).reshape(b * length, -1), b, training, members)  # no copy
 
-    def after(self, y: torch.Tensor, batch: int, training: bool, members: slice) -> torch.Tensor:
-        """pool2(dropout(relu(bn(y)))) of the convolution's output y (B * L, k * c_out) -> (B, L / 2, k * c_out)."""
+    def after(self, y: torch.Tensor, batch: int, training: bool, members: slice, lib=None, stats=None) -> torch.Tensor:
+        """pool2(dropout(relu(bn(y)))) of the convolution's output y (B * L, k * c_out) -> (B, L / 2, k * c_out).
+
+        With ``lib`` and batch norm in training mode, in C (``_NativeBNPool``), from y's mean and
+        variance per channel (``stats``, float64)."""
+        bn = self.bn
+        if lib is not None and bn.training:
+            with torch.no_grad():
+                mean, var = stats.to(y.dtype)
+                n = y.shape[0]
+                bn.running_mean[members].view(-1).lerp_(mean, _BN_MOMENTUM)
+                bn.running_var[members].view(-1).lerp_(var * (n / (n - 1)), _BN_MOMENTUM)
+                if members.start in (None, 0):
+                    bn.num_batches_tracked.add_(1)
+                istd = torch.rsqrt(var + _BN_EPS)
+            return _NativeBNPool.apply(y.view(batch, n // batch, -1), bn.weight[members].reshape(-1),
+                                       bn.bias[members].reshape(-1), mean, istd, training, lib)
         y = self.bn(y, members).view(batch, y.shape[0] // batch, -1)
         return _ReluDropoutPool2.apply(y, training, 1)
 
@@ -302,7 +317,8 @@ class _NativeConv12(torch.autograd.Function):
 
     patches (B * L, KC) and the folded first-layer weights ``fused`` (k*32, KC) as
     ``_LinearReluDropoutPool2`` takes them; conv2's weight (k, 16, 32, K) and bias (k, 16) ->
-    conv2's output (B * L/2, k*16). conv1's output, the largest activation, exists only in
+    conv2's output (B * L/2, k*16) and its mean and variance per channel (float64, no gradient:
+    batch norm's backward accounts for them). conv1's output, the largest activation, exists only in
     cache, per sample and member; the backward pass makes it again from the windows and the
     dropout mask's random words.
     """
@@ -313,16 +329,39 @@ class _NativeConv12(torch.autograd.Function):
         words = _coin_words(patches.shape[0] * wt1.shape[1], patches.device) if training else None
         ctx.save_for_backward(patches, wt1, words, weight)
         ctx.length, ctx.training, ctx.lib = length, training, lib
-        z = native.conv12_forward(lib, patches, wt1, words, length, 1.0 if training else 0.5, weight, bias)
-        return z.view(-1, z.shape[2])
+        z, stats = native.conv12_forward(lib, patches, wt1, words, length, 1.0 if training else 0.5, weight, bias,
+                                         stats=True)
+        ctx.mark_non_differentiable(stats)
+        return z.view(-1, z.shape[2]), stats
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _):
         patches, wt1, words, weight = ctx.saved_tensors
         n = patches.shape[0] // ctx.length
         g1, g2 = native.conv12_backward(ctx.lib, patches, wt1, words, ctx.length, 1.0 if ctx.training else 0.5,
                                         weight, grad.view(n, -1, grad.shape[1]))
         return None, g1, g2, grad.sum(0).view(weight.shape[0], -1), None, None, None
+
+
+class _NativeBNPool(torch.autograd.Function):
+    """Training-mode batch norm (batch ``mean`` and 1/std ``istd`` given), ReLU, dropout and a pool
+    of step pairs, in C (``native.bnpool_forward``): z (B, L, C) -> (B, L / 2, C). The backward
+    pass makes the normalised values again from z (two passes) instead of storing them."""
+
+    @staticmethod
+    def forward(ctx, z, gamma, beta, mean, istd, dropout: bool, lib) -> torch.Tensor:
+        a = gamma * istd
+        c = beta - mean * a
+        words = _coin_words(z.numel(), z.device) if dropout else None
+        ctx.save_for_backward(z, a, c, mean, istd, words)
+        ctx.lib, ctx.scale = lib, 1.0 if dropout else 0.5
+        return native.bnpool_forward(lib, z, a, c, words, ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, a, c, mean, istd, words = ctx.saved_tensors
+        gz, d_beta, d_gamma = native.bnpool_backward(ctx.lib, z, a, c, mean, istd, words, ctx.scale, grad)
+        return gz, d_gamma, d_beta, None, None, None, None
 
 
 class _ToeplitzConv(_Conv):
@@ -586,9 +625,9 @@ class StackedEnsemble(nn.Module):
     def _conv_stage(self, patches: torch.Tensor, stats, training: bool, part: slice, lib=None) -> torch.Tensor:
         """Temporal features of the members in ``part``: (B, k, 4 * L3), channel-major per member."""
         if lib is not None:
-            z = _NativeConv12.apply(patches, self.conv1.fused(stats, part), self.conv2.weight[part],
-                                    self.conv2.bias[part], self.length, training, lib)
-            h = self.conv2.after(z, patches.shape[0] // self.length, training, part)
+            z, z_stats = _NativeConv12.apply(patches, self.conv1.fused(stats, part), self.conv2.weight[part],
+                                             self.conv2.bias[part], self.length, training, lib)
+            h = self.conv2.after(z, patches.shape[0] // self.length, training, part, lib, z_stats)
         else:
             h = self.conv2(self.conv1(patches, stats, training, part, self.length), training, part)
         h = self.conv3(h, training, part)
