@@ -726,7 +726,8 @@ def member_cost(spec: MemberSpec, n_in: int = 30) -> int:
 
 def split_members(specs: list[MemberSpec], parts: int) -> list[list[int]]:
     """Member indices in ``parts`` groups of about equal cost (greedy: largest first, to the
-    lightest group), each sorted; deterministic."""
+    lightest group), each sorted; deterministic. (Cutting the members in dense-group order
+    instead, so that each part holds fewer groups, measured no faster.)"""
     parts = max(1, min(parts, len(specs)))
     groups: list[list[int]] = [[] for _ in range(parts)]
     load = [0] * parts
