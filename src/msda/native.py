@@ -1,14 +1,21 @@
-"""The C convolution stage of CPU inference (``_convstage.c``), built on first use.
+"""The C kernels (``_convstage.c``), built on first use: the convolution stage of CPU inference,
+and the first two convolutions of CPU training with the second's batch norm.
 
-The three convolutions of a member, with their ReLUs and poolings, run per sample with every
-intermediate in L1 cache; PyTorch instead writes each stage of a whole batch to memory and
-reads it back (measured on 2 cores: 2.1x for the stage alone, 1.7x for the whole predictor in
-benchmarks/predict.py). The source is
-compiled once per machine with the system's C compiler (``$CC``, else cc, gcc or clang;
-``-O3 -march=native``) into ``$MSDA_CACHE_DIR`` (default ``~/.cache/msda``), and called through
-ctypes, which releases the GIL, so threads split the samples. Without a compiler, or with
-``MSDA_NATIVE=0``, prediction uses the PyTorch operations instead: same results to float32
-rounding, slower.
+Inference: the three convolutions of a member, with their ReLUs and poolings, run per sample
+with every intermediate in L1 cache; PyTorch instead writes each stage of a whole batch to
+memory and reads it back (measured on 2 cores: 2.1x for the stage alone, 1.7x for the whole
+predictor in benchmarks/predict.py). Training (``stacked.py``): conv1 -> ReLU -> dropout ->
+pool -> conv2 per sample and member, conv1's output never written to memory, and the backward
+pass through both; then conv2's batch norm, ReLU, dropout and pool (``conv12_*``, ``bnpool_*``).
+
+The source is compiled once per machine with the system's C compiler (``$CC``, else cc, gcc or
+clang; ``-O3 -march=native``, with ``-fopenmp`` where the compiler has it) into
+``$MSDA_CACHE_DIR`` (default ``~/.cache/msda``), and called through ctypes. With OpenMP, a
+kernel splits its samples over PyTorch's own OpenMP threads (the library links the runtime
+PyTorch already loaded): Python threads running next to PyTorch's spinning OpenMP workers cost
+the training step its gain. Without OpenMP, Python threads split the samples (ctypes releases
+the GIL). Without a compiler, or with ``MSDA_NATIVE=0``, the PyTorch operations run instead:
+same results to float32 rounding, slower.
 """
 
 from __future__ import annotations
