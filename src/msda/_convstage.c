@@ -45,6 +45,17 @@ typedef int vi16 __attribute__((vector_size(64)));
 static inline v16 relu(v16 v) { v16 z = {0}; return (v16)((vi16)v & (v > z)); }
 static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
+/* conv2 at T2 consecutive output steps: x points at the first step's window (rows of 32
+ * channels, so a window of K steps is K*32 consecutive floats); W (K*32, 16) -> a[T2] */
+static inline void conv2_block(const float *W, const float *x, v16 bias, v16 a[T2]) {
+    for (int u = 0; u < T2; ++u) a[u] = bias;
+    for (int i = 0; i < K * C1; ++i) {
+        const v16 wv = load(W + i * C2);
+        const float *xr = x + i;
+        for (int u = 0; u < T2; ++u) a[u] += wv * splat(xr[u * C1]);
+    }
+}
+
 static int conv_stage(const float *x, long row_stride, long offset, long n, int S, int L, int M,
                       const float *w1, const float *w2, const float *b2, const float *w3,
                       const float *b3, float *out) {
@@ -97,16 +108,10 @@ static int conv_stage(const float *x, long row_stride, long offset, long n, int 
             for (int t = 0; t < P; ++t) memcpy(h1 + t * C1, h1 + P * C1, sizeof(float) * C1);
             for (int t = P + L1; t < L2c + 2 * P; ++t)
                 memcpy(h1 + t * C1, h1 + (P + L1 - 1) * C1, sizeof(float) * C1);
-            /* conv2: a window of K steps x 32 channels is K*32 consecutive floats of h1 */
             const v16 bias2 = load(b2 + (long)m * C2);
             for (int t0 = 0; t0 < L2c; t0 += T2) {
                 v16 a[T2];
-                for (int u = 0; u < T2; ++u) a[u] = bias2;
-                for (int i = 0; i < K * C1; ++i) {
-                    const v16 wv = load(W2 + i * C2);
-                    const float *xr = h1 + t0 * C1 + i;
-                    for (int u = 0; u < T2; ++u) a[u] += wv * splat(xr[u * C1]);
-                }
+                conv2_block(W2, h1 + t0 * C1, bias2, a);
                 for (int u = 0; u < T2; u += 2) {
                     const int j = (t0 + u) / 2;
                     if (j >= L2) break;
@@ -263,12 +268,7 @@ static int conv12_forward(const Train *T, long first, long n, float *z, double *
             v16 sum = splat(0.f), sq = splat(0.f);
             for (int t0 = 0; t0 < half; t0 += T2) {
                 v16 a[T2];
-                for (int u = 0; u < T2; ++u) a[u] = bias;
-                for (int i = 0; i < K * C1; ++i) {
-                    const v16 wv = load(W + i * C2);
-                    const float *xr = xl + t0 * C1 + i;
-                    for (int u = 0; u < T2; ++u) a[u] += wv * splat(xr[u * C1]);
-                }
+                conv2_block(W, xl + t0 * C1, bias, a);
                 for (int u = 0; u < T2 && t0 + u < half; ++u) {
                     store(out + (long)(t0 + u) * Cout, a[u]);
                     sum += a[u];
