@@ -199,3 +199,32 @@ def test_stacked_native_insists(fresh_cache, monkeypatch, full_ensemble):
         st(torch.rand(8, 153))
     st.native = None  # falls back to PyTorch
     assert st(torch.rand(8, 153))[0].shape == (25, 8)
+
+
+@needs_cc
+@pytest.mark.parametrize("width", [16, 32, 128])
+def test_dense_batchnorm_relu_equals_pytorch(width):
+    """relu(batch_norm(y)) of stacked dense layers in their (members, batch, width) layout: output,
+    batch statistics and the gradients of y, gamma and beta against PyTorch's batch norm."""
+    import torch.nn.functional as F
+
+    from msda.stacked import _NativeBNReLU
+
+    g = torch.Generator().manual_seed(6)
+    y = (torch.randn(3, 50, width, generator=g) * 2 + 1).requires_grad_(True)
+    gamma = (torch.rand(3, width, generator=g) + 0.5).requires_grad_(True)
+    beta = torch.randn(3, width, generator=g).requires_grad_(True)
+    go = torch.randn(3, 50, width, generator=g)
+    out, mean, var = _NativeBNReLU.apply(y, gamma, beta, native.conv_stage_library())
+    (out * go).sum().backward()
+    got = [out.detach(), mean, var] + [t.grad.clone() for t in (y, gamma, beta)]
+    for t in (y, gamma, beta):
+        t.grad = None
+    rows = y.transpose(0, 1).reshape(50, -1)
+    ref = F.relu(F.batch_norm(rows, None, None, gamma.reshape(-1), beta.reshape(-1), True, 0.1, 1e-5))
+    ref = ref.view(50, 3, width).transpose(0, 1)
+    (ref * go).sum().backward()
+    var_ref, mean_ref = torch.var_mean(y.detach(), dim=1, correction=0)
+    expected = [ref.detach(), mean_ref, var_ref, y.grad, gamma.grad, beta.grad]
+    for name, a, r in zip(("out", "mean", "var", "y grad", "gamma grad", "beta grad"), got, expected):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item(), msg=name)

@@ -17,6 +17,7 @@
  * GCC/Clang vector extensions: AVX-512 with -march=native where the CPU has it, else the
  * compiler splits the 16-lane vectors.
  */
+#include <math.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -436,6 +437,84 @@ static int bnpool_backward(const BnPool *B, long first, long n, const float *mea
     return 0;
 }
 
+/* ---- Training: batch norm + ReLU of the dense layers, in their (members, batch, width) layout ---
+ *
+ * y (G, B, W), W a multiple of 16 (at most MAXW): per member g and channel, the batch mean and
+ * variance over the B rows (two passes), then out = relu(gamma * (y - mean) / std + beta);
+ * mean and var (G, W) are returned for the running statistics. PyTorch's batch norm needs the
+ * channels innermost in (B, G*W) rows, which cost a transposed copy each way per layer.
+ * Backward, for the gradient go of out: gy = go where out > 0; pass 1 sums gy and gy * xhat per
+ * channel (the gradients of beta and gamma), pass 2 writes gz = gamma / std * (gy - mean(gy) -
+ * xhat * mean(gy * xhat)).
+ */
+#define MAXW 128
+
+static int bnrelu_forward(const float *y, long g0, long G, long B, int W, const float *gamma, const float *beta,
+                          float eps, float *mean, float *var, float *out) {
+    if (W % 16 || W > MAXW) return -1;
+    const int V = W / 16;
+    for (long g = g0; g < g0 + G; ++g) {
+        const float *yg = y + g * B * W;
+        float *og = out + g * B * W;
+        v16 s[MAXW / 16], q[MAXW / 16], mu[MAXW / 16], sc[MAXW / 16], sh[MAXW / 16];
+        for (int v = 0; v < V; ++v) { s[v] = splat(0.f); q[v] = splat(0.f); }
+        for (long b = 0; b < B; ++b)
+            for (int v = 0; v < V; ++v) s[v] += load(yg + b * W + v * 16);
+        for (int v = 0; v < V; ++v) mu[v] = s[v] * splat(1.f / (float)B);
+        for (long b = 0; b < B; ++b)
+            for (int v = 0; v < V; ++v) { const v16 d = load(yg + b * W + v * 16) - mu[v]; q[v] += d * d; }
+        for (int v = 0; v < V; ++v) {
+            const v16 vr = q[v] * splat(1.f / (float)B);
+            float vv[16], is[16];
+            store(vv, vr);
+            for (int i = 0; i < 16; ++i) is[i] = 1.f / sqrtf(vv[i] + eps);
+            sc[v] = load(is) * load(gamma + g * W + v * 16);
+            sh[v] = load(beta + g * W + v * 16) - mu[v] * sc[v];
+            store(mean + g * W + v * 16, mu[v]);
+            store(var + g * W + v * 16, vr);
+        }
+        for (long b = 0; b < B; ++b)
+            for (int v = 0; v < V; ++v) store(og + b * W + v * 16, relu(load(yg + b * W + v * 16) * sc[v] + sh[v]));
+    }
+    return 0;
+}
+
+static int bnrelu_backward(const float *y, const float *out, const float *go, long g0, long G, long B, int W,
+                           const float *gamma, const float *mean, const float *istd, float *gz, float *dgamma,
+                           float *dbeta) {
+    if (W % 16 || W > MAXW) return -1;
+    const int V = W / 16;
+    const vi16 zero = {0};
+    for (long g = g0; g < g0 + G; ++g) {
+        const long off = g * B * W;
+        v16 sg[MAXW / 16], sx[MAXW / 16];
+        for (int v = 0; v < V; ++v) { sg[v] = splat(0.f); sx[v] = splat(0.f); }
+        for (long b = 0; b < B; ++b)
+            for (int v = 0; v < V; ++v) {
+                const long e = off + b * W + v * 16;
+                const v16 gy = (v16)((vi16)load(go + e) & ((vi16)load(out + e) > zero)); /* out >= 0: its bits order as ints */
+                sg[v] += gy;
+                sx[v] += gy * ((load(y + e) - load(mean + g * W + v * 16)) * load(istd + g * W + v * 16));
+            }
+        v16 k[MAXW / 16], m0[MAXW / 16], m1[MAXW / 16];
+        for (int v = 0; v < V; ++v) {
+            store(dbeta + g * W + v * 16, sg[v]);
+            store(dgamma + g * W + v * 16, sx[v]);
+            k[v] = load(gamma + g * W + v * 16) * load(istd + g * W + v * 16);
+            m0[v] = sg[v] * splat(1.f / (float)B);
+            m1[v] = sx[v] * splat(1.f / (float)B);
+        }
+        for (long b = 0; b < B; ++b)
+            for (int v = 0; v < V; ++v) {
+                const long e = off + b * W + v * 16;
+                const v16 gy = (v16)((vi16)load(go + e) & ((vi16)load(out + e) > zero));
+                const v16 xhat = (load(y + e) - load(mean + g * W + v * 16)) * load(istd + g * W + v * 16);
+                store(gz + e, k[v] * (gy - m0[v] - xhat * m1[v]));
+            }
+    }
+    return 0;
+}
+
 /* ---- Entry points: samples split over `threads` parts. Built with OpenMP (native.py tries
  * -fopenmp first), the parts run on the OpenMP runtime PyTorch has loaded (same soname), so
  * its worker threads are not left spinning against ours; without OpenMP they run one after
@@ -513,4 +592,16 @@ int msda_bnpool_backward(const float *z, long first, long n, int L, int C, const
     if (C % 16 || L < 2) return -1;
     const BnPool B = {z, a, c, mean, istd, go, words, L, C, scale};
     SPLIT(threads, n, bnpool_backward(&B, first + lo, hi - lo, means, gz))
+}
+
+/* members split over threads */
+int msda_bnrelu_forward(const float *y, long G, long B, int W, const float *gamma, const float *beta, float eps,
+                        float *mean, float *var, float *out, int threads) {
+    SPLIT(threads, G, bnrelu_forward(y, lo, hi - lo, B, W, gamma, beta, eps, mean, var, out))
+}
+
+int msda_bnrelu_backward(const float *y, const float *out, const float *go, long G, long B, int W,
+                         const float *gamma, const float *mean, const float *istd, float *gz, float *dgamma,
+                         float *dbeta, int threads) {
+    SPLIT(threads, G, bnrelu_backward(y, out, go, lo, hi - lo, B, W, gamma, mean, istd, gz, dgamma, dbeta))
 }

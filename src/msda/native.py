@@ -112,7 +112,11 @@ def conv_stage_library() -> ctypes.CDLL | None:
                        ("msda_conv12_backward", train + [_P, _P, _P]),
                        ("msda_bnpool_forward", bn + [_P, ctypes.c_float, _P]),
                        ("msda_bnpool_sums", bn + [_P, _P, _P, ctypes.c_float, _P, _P]),
-                       ("msda_bnpool_backward", bn + [_P, _P, _P, ctypes.c_float, _P, _P, _P])):
+                       ("msda_bnpool_backward", bn + [_P, _P, _P, ctypes.c_float, _P, _P, _P]),
+                       ("msda_bnrelu_forward", [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, _P, _P, ctypes.c_float,
+                                                _P, _P, _P]),
+                       ("msda_bnrelu_backward", [_P, _P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_int, _P, _P, _P,
+                                                 _P, _P, _P])):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args + [ctypes.c_int], ctypes.c_int  # the last: threads
     lib.msda_openmp.restype = ctypes.c_int
@@ -277,3 +281,36 @@ def bnpool_backward(lib: ctypes.CDLL, z: torch.Tensor, a: torch.Tensor, c: torch
     _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_bnpool_backward(*args(lo, hi), means.data_ptr(), gz.data_ptr(),
                                                                         threads), what)
     return gz, total[0], total[1]
+
+
+MAX_DENSE_WIDTH = 128  # widest dense layer of bnrelu_* (_convstage.c's MAXW); widths are multiples of 16
+
+
+def bnrelu_forward(lib: ctypes.CDLL, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode batch norm and ReLU of stacked dense layers in their own layout, in C:
+    y (G, B, W) -> (relu(bn(y)), batch mean (G, W), biased batch variance (G, W))."""
+    y = y.contiguous()
+    g, b, w = y.shape
+    out = torch.empty_like(y)
+    mean, var = y.new_empty(g, w), y.new_empty(g, w)
+    rc = lib.msda_bnrelu_forward(y.data_ptr(), g, b, w, gamma.contiguous().data_ptr(), beta.contiguous().data_ptr(),
+                                 eps, mean.data_ptr(), var.data_ptr(), out.data_ptr(), max(1, min(torch.get_num_threads(), g)))
+    if rc:
+        raise RuntimeError(f"the C kernel refused width {w}")
+    return out, mean, var
+
+
+def bnrelu_backward(lib: ctypes.CDLL, y: torch.Tensor, out: torch.Tensor, go: torch.Tensor, gamma: torch.Tensor,
+                    mean: torch.Tensor, istd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``bnrelu_forward`` for go (G, B, W): y's, gamma's and beta's (G, W)."""
+    go = go.contiguous()
+    g, b, w = y.shape
+    gz = torch.empty_like(y)
+    d_gamma, d_beta = y.new_empty(g, w), y.new_empty(g, w)
+    rc = lib.msda_bnrelu_backward(y.data_ptr(), out.data_ptr(), go.data_ptr(), g, b, w, gamma.contiguous().data_ptr(),
+                                  mean.data_ptr(), istd.data_ptr(), gz.data_ptr(), d_gamma.data_ptr(), d_beta.data_ptr(),
+                                  max(1, min(torch.get_num_threads(), g)))
+    if rc:
+        raise RuntimeError(f"the C kernel refused width {w}")
+    return gz, d_gamma, d_beta

@@ -312,6 +312,27 @@ class _Conv(nn.Module):
         return _ReluDropoutPool2.apply(y, training, 1)
 
 
+class _NativeBNReLU(torch.autograd.Function):
+    """relu(bn(y)) of stacked dense layers, training mode, in C in the (g, B, w) layout of their
+    batched products (``native.bnrelu_forward``); PyTorch's batch norm wants (B, g*w) rows, a
+    transposed copy each way. Returns the output and the batch mean and variance (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, lib):
+        out, mean, var = native.bnrelu_forward(lib, y, gamma, beta, _BN_EPS)
+        istd = torch.rsqrt(var + _BN_EPS)
+        ctx.save_for_backward(y, out, gamma, mean, istd)
+        ctx.lib = lib
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _m, _v):
+        y, out, gamma, mean, istd = ctx.saved_tensors
+        gz, d_gamma, d_beta = native.bnrelu_backward(ctx.lib, y, out, grad, gamma, mean, istd)
+        return gz, d_gamma, d_beta, None
+
+
 class _NativeConv12(torch.autograd.Function):
     """The first two convolutions in C (``native.conv12_forward``), up to conv2's batch norm.
 
@@ -501,20 +522,29 @@ class _WidthGroup(nn.Module):
         self.out = _Linear(len(depths), bottleneck, 1)
 
     @staticmethod
-    def _lbr(x: torch.Tensor, lin: _Linear, bn: _BN) -> torch.Tensor:
+    def _lbr(x: torch.Tensor, lin: _Linear, bn: _BN, lib=None) -> torch.Tensor:
         y = lin(x)  # (g, B, w)
         g, b, w = y.shape
+        if lib is not None and bn.training and w % 16 == 0 and w <= native.MAX_DENSE_WIDTH:
+            out, mean, var = _NativeBNReLU.apply(y, bn.weight, bn.bias, lib)
+            with torch.no_grad():
+                bn.running_mean.lerp_(mean, _BN_MOMENTUM)
+                bn.running_var.lerp_(var * (b / (b - 1)), _BN_MOMENTUM)
+                bn.num_batches_tracked.add_(1)
+            return out
         y = bn(y.transpose(0, 1).reshape(b, g * w)).view(b, g, w).transpose(0, 1)
         return F.relu(y)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: (g, B, n_in) normalised inputs of the group's members -> (outputs (g, B), features (g, B, 32))."""
+    def forward(self, h: torch.Tensor, lib=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (g, B, n_in) normalised inputs of the group's members -> (outputs (g, B), features (g, B, 32)).
+
+        With ``lib`` (training on CPU), the batch norms and ReLUs of the blocks run in C."""
         finished: list[torch.Tensor] = []
         x = h
         for k, blk in enumerate(self.blocks):
-            y = self._lbr(x, blk["linear1"], blk["bn1"])
-            y = self._lbr(y, blk["linear2"], blk["bn2"])
-            y = self._lbr(y, blk["linear3"], blk["bn3"])
+            y = self._lbr(x, blk["linear1"], blk["bn1"], lib)
+            y = self._lbr(y, blk["linear2"], blk["bn2"], lib)
+            y = self._lbr(y, blk["linear3"], blk["bn3"], lib)
             x = torch.cat((y, x), dim=2)
             n_done = sum(d == k + 1 for d in self.depths)
             if n_done:  # split, not two slices: its backward is one concatenation, not zero-filled copies
@@ -594,7 +624,7 @@ class StackedEnsemble(nn.Module):
         base = self.norm(base.reshape(b, -1)).view(b, m, self.n_in).transpose(0, 1)  # (m, B, n_in)
         outs, feats = [], []
         for part, group in zip(base.split(self.group_sizes), self.groups):
-            y, f = group(part)
+            y, f = group(part, lib)
             outs.append(y)
             feats.append(f)
         y, f = torch.cat(outs, dim=0), torch.cat(feats, dim=0)
