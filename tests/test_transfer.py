@@ -142,9 +142,9 @@ def test_weight_average_is_mean_of_last_epochs():
     res = fit(DenseSME(SPECS, seed=0), _data(), LossWeights.for_method("msda"),
               TrainSettings(epochs=5, batch=16, average_last=3, device="cpu"), progress=False, on_epoch_end=keep)
     mean = {k: torch.stack([s[k] for s in saved[-3:]]).mean(0) for k in saved[0] if saved[0][k].is_floating_point()}
-    expected = PartedEnsemble(SPECS, res.ensemble.schema, split_members(SPECS, 2))  # 2 parts on CPU
+    expected = PartedEnsemble(SPECS, res.ensemble.schema, split_members(SPECS, res.parts))  # the parts it trained in
     expected.load_state_dict({**saved[-1], **mean})
-    got = PartedEnsemble.from_ensemble(res.ensemble, 2)
+    got = PartedEnsemble.from_ensemble(res.ensemble, res.parts)
     for k, v in expected.state_dict().items():
         torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
     avg = WeightAverage()
@@ -215,3 +215,18 @@ def test_parted_ensemble_matches_one_stack():
     back = two.to_ensemble()
     for (k, a), b in zip(back.state_dict().items(), e.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+def test_auto_parts_only_for_large_steps(monkeypatch):
+    from msda.model import default_members
+    from msda.transfer import auto_parts
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert auto_parts(default_members(), 384, cpu) == 2  # MSDA's three streams of 128
+    assert auto_parts(default_members(), 256, cpu) == 1  # pretraining: one stream of 256
+    assert auto_parts(SPECS, 384, cpu) == 1  # small members: the dispatch of a second part costs more
+    assert auto_parts(default_members(), 384, torch.device("cuda")) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert auto_parts(default_members(), 384, cpu) == 1
+    assert _fit(LossWeights.for_method("msda"), epochs=1).parts == 1  # recorded in the result

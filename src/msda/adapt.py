@@ -59,6 +59,7 @@ def pretrain(
         n_samples=len(coarse),
         seconds=round(result.seconds, 2),
         ran_on=result.device,
+        parts_used=result.parts,
         **settings_dict(LossWeights(alpha=1.0, beta=0.0), settings),
     )
     out = Path(out)
@@ -137,6 +138,7 @@ def adapt(
         "seconds": round(result.seconds, 2),
         "steps": result.steps,
         "ran_on": result.device,
+        "parts_used": result.parts,
         "weights_in": getattr(ensemble, "provenance", {}),
         **settings_dict(weights, settings),
     }

@@ -252,6 +252,7 @@ def pretrain(
     seed: int = typer.Option(0, help="Seed of the initialisation, batches and dropout."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the training step."),
+    parts: int = typer.Option(0, "--parts", min=0, help="Train the members in this many parts side by side (CPU threads); 0: automatic."),
     schema: Optional[Path] = SchemaOpt,
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
 ) -> None:
@@ -262,7 +263,7 @@ def pretrain(
 
     coarse = read_samples(samples, None, _schema(schema), drop_nan)
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
-                             device=device, compile=compile)
+                             device=device, compile=compile, parts=parts)
     res = run_pretrain(coarse, out, settings, _members(widths, depths))
     last = [r for r in res.losses if r["epoch"] == epochs]
     mse = sum(r["fine_50m"] for r in last) / len(last)
@@ -292,6 +293,7 @@ def adapt(
     seed: int = typer.Option(0, help="Seed of the station draw, batches and dropout."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the training step."),
+    parts: int = typer.Option(0, "--parts", min=0, help="Train the members in this many parts side by side (CPU threads); 0: automatic."),
     schema: Optional[Path] = SchemaOpt,
 ) -> None:
     """Adapt a pretrained DenseSM-E to a network's 50 m grid (finetune, MS, DA or MSDA)."""
@@ -314,7 +316,7 @@ def adapt(
     coarse_s = read_samples(coarse, "coarse", sch)
     ensemble = load_ensemble(weights)
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
-                             device=device, compile=compile)
+                             device=device, compile=compile, parts=parts)
     res, metrics = run_adapt(ensemble, fine_s, coarse_s, network, chosen, method.lower(), out, settings,
                              alpha, beta_value, domain_loss, monitor_every=monitor_every)
     typer.echo(f"wrote {out}: {method} on {network}, {len(ensemble.specs)} members, {epochs} epochs in "

@@ -206,7 +206,7 @@ def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: s
         result = fit(ensemble, problem.fit_data(), weights, settings, progress=False, description=task.key)
         model = result.ensemble
         extra = {"train_stations": problem.train_stations, "beta": result.beta, "fit_seconds": round(result.seconds, 3),
-                 "station_seed": seed, "steps": result.steps}
+                 "station_seed": seed, "steps": result.steps, "parts": result.parts}
     pred = predict(model, fine.features(), device=dev)
     meta.update(extra, seconds=round(time.perf_counter() - t0, 3), device=str(dev), threads=torch.get_num_threads())
     table = pa.table({"pred": pred.mean.astype(np.float32), "spread": pred.std.astype(np.float32)})
