@@ -276,7 +276,7 @@ static int conv12_forward(const Train *T, long first, long n, float *z, double *
                     sq += a[u] * a[u];
                 }
             }
-            if (stats) { /* the sample's sums over its steps, then in double over samples */
+            { /* the sample's sums over its steps, then in double over samples */
                 float fs[16], fq[16];
                 store(fs, sum);
                 store(fq, sq);
@@ -546,8 +546,8 @@ int msda_conv_stage(const float *x, long row_stride, long offset, long n, int S,
 
 static int check(int KC, int L) { return KC > MAXKC || L > MAXL || L < 2 ? -1 : 0; }
 
-/* samples [first, first + n) of the batch; win, z and g point at the batch's first sample */
-/* stats: NULL, or `threads` partial (sum, sum of squares) of z per channel, (2, M*16) each, zeroed */
+/* samples [first, first + n) of the batch; win, z and g point at the batch's first sample;
+ * stats: `threads` partial (sum, sum of squares) of z per channel, (2, M*16) each, zeroed */
 int msda_conv12_forward(const float *win, int KC, long first, long n, int L, int M, const float *wt1,
                         const u64 *words, float scale, const float *w2, const float *b2, float *z, double *stats,
                         int threads) {
@@ -555,7 +555,7 @@ int msda_conv12_forward(const float *win, int KC, long first, long n, int L, int
     const Train T = {win, wt1, w2, b2, NULL, words, KC, L, M, scale};
     const long per_out = (long)(L / 2) * M * C2;
     SPLIT(threads, n, conv12_forward(&T, first + lo, hi - lo, z + (first + lo) * per_out,
-                                     stats ? stats + (long)i * 2 * M * C2 : NULL))
+                                     stats + (long)i * 2 * M * C2))
 }
 
 /* gw1 (KC, M*32) and gw2 (M, K, 32, 16): `threads` partial gradients each, one per part */

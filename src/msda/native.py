@@ -6,7 +6,8 @@ with every intermediate in L1 cache; PyTorch instead writes each stage of a whol
 memory and reads it back (measured on 2 cores: 2.1x for the stage alone, 1.7x for the whole
 predictor in benchmarks/predict.py). Training (``stacked.py``): conv1 -> ReLU -> dropout ->
 pool -> conv2 per sample and member, conv1's output never written to memory, and the backward
-pass through both; then conv2's batch norm, ReLU, dropout and pool (``conv12_*``, ``bnpool_*``).
+pass through both; then conv2's batch norm, ReLU, dropout and pool (``conv12_*``, ``bnpool_*``),
+and the dense layers' batch norm and ReLU in their (members, batch, width) layout (``bnrelu_*``).
 
 The source is compiled once per machine with the system's C compiler (``$CC``, else cc, gcc or
 clang; ``-O3 -march=native``, with ``-fopenmp`` where the compiler has it) into
@@ -200,15 +201,14 @@ def train_supported(patches: torch.Tensor, length: int) -> bool:
 
 
 def conv12_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, words: torch.Tensor | None,
-                   length: int, scale: float, w2: torch.Tensor, b2: torch.Tensor,
-                   stats: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   length: int, scale: float, w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The first two convolutions of training (stacked.py) in C, conv1's output kept in cache:
     z = conv2(pad(pool2(dropout(relu(patches @ wt1))))) + b2, before conv2's batch norm.
 
     patches (B * L, KC) windows; wt1 (KC, M*32) conv1 with its batch norm folded; ``words``
     the dropout mask's random bits (element r * M*32 + c), None in eval mode (then the pool's
     1/2 is ``scale``); w2 (M, 16, 32, K) as Conv1d stores it; b2 (M, 16) -> z (B, L/2, M*16),
-    and with ``stats`` z's mean and (biased) variance per channel (float64), else None.
+    and z's mean and (biased) variance per channel (2, M*16), accumulated in float64.
     """
     patches, wt1 = patches.contiguous(), wt1.contiguous()
     kc, m = wt1.shape[0], w2.shape[0]
@@ -217,13 +217,11 @@ def conv12_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, w
     b2 = b2.contiguous()
     z = patches.new_empty(n, length // 2, m * FILTERS[1])
     wp = words.data_ptr() if words is not None else None
-    sums = z.new_zeros(_threads(n), 2, z.shape[2], dtype=torch.float64) if stats else None
+    sums = z.new_zeros(_threads(n), 2, z.shape[2], dtype=torch.float64)
     _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv12_forward(
         patches.data_ptr(), kc, lo, hi - lo, length, m, wt1.data_ptr(), wp, scale, w2k.data_ptr(), b2.data_ptr(),
-        z.data_ptr(), sums[part].data_ptr() if stats else None, threads),
+        z.data_ptr(), sums[part].data_ptr(), threads),
         f"window {kc}, length {length}, members {m}")
-    if not stats:
-        return z, None
     total = sums.sum(0) / (n * (length // 2))
     return z, torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
 

@@ -235,6 +235,15 @@ class _BN(nn.Module):
         self.register_buffer("running_var", torch.ones(shape))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
+    @torch.no_grad()
+    def track(self, mean: torch.Tensor, var: torch.Tensor, n: int, members: slice = slice(None)) -> None:
+        """Move the running statistics of ``members`` as batch norm does, from a batch of n values
+        per channel with this mean and biased variance (for batch norms computed elsewhere)."""
+        self.running_mean[members].view(-1).lerp_(mean.reshape(-1), _BN_MOMENTUM)
+        self.running_var[members].view(-1).lerp_(var.reshape(-1) * (n / (n - 1)), _BN_MOMENTUM)
+        if members.start in (None, 0):  # once per step, not once per member chunk
+            self.num_batches_tracked.add_(1)
+
     def forward(self, x2d: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
         """``x2d``: (rows, channels[, length]), the channels of ``members``; statistics over rows (and length)."""
         if self.training:
@@ -298,14 +307,10 @@ class _Conv(nn.Module):
         variance per channel (``stats``, float64)."""
         bn = self.bn
         if lib is not None and bn.training:
-            with torch.no_grad():
-                mean, var = stats.to(y.dtype)
-                n = y.shape[0]
-                bn.running_mean[members].view(-1).lerp_(mean, _BN_MOMENTUM)
-                bn.running_var[members].view(-1).lerp_(var * (n / (n - 1)), _BN_MOMENTUM)
-                if members.start in (None, 0):
-                    bn.num_batches_tracked.add_(1)
-                istd = torch.rsqrt(var + _BN_EPS)
+            mean, var = stats.to(y.dtype)
+            n = y.shape[0]
+            bn.track(mean, var, n, members)
+            istd = torch.rsqrt(var + _BN_EPS)
             return _NativeBNPool.apply(y.view(batch, n // batch, -1), bn.weight[members].reshape(-1),
                                        bn.bias[members].reshape(-1), mean, istd, training, lib)
         y = self.bn(y, members).view(batch, y.shape[0] // batch, -1)
@@ -350,8 +355,7 @@ class _NativeConv12(torch.autograd.Function):
         words = _coin_words(patches.shape[0] * wt1.shape[1], patches.device) if training else None
         ctx.save_for_backward(patches, wt1, words, weight)
         ctx.length, ctx.training, ctx.lib = length, training, lib
-        z, stats = native.conv12_forward(lib, patches, wt1, words, length, 1.0 if training else 0.5, weight, bias,
-                                         stats=True)
+        z, stats = native.conv12_forward(lib, patches, wt1, words, length, 1.0 if training else 0.5, weight, bias)
         ctx.mark_non_differentiable(stats)
         return z.view(-1, z.shape[2]), stats
 
@@ -459,11 +463,7 @@ class _SharedConv(_Conv):
             mu, sigma, n = stats
             mean = w @ mu + b
             var = ((w @ sigma) * w).sum(dim=1)
-            with torch.no_grad():
-                bn.running_mean[members].view(-1).lerp_(mean.detach(), _BN_MOMENTUM)
-                bn.running_var[members].view(-1).lerp_(var.detach() * (n / (n - 1)), _BN_MOMENTUM)
-                if members.start in (None, 0):
-                    bn.num_batches_tracked.add_(1)
+            bn.track(mean.detach(), var.detach(), n, members)
         else:
             mean, var = bn.running_mean[members].flatten(), bn.running_var[members].flatten()
         scale = gamma * torch.rsqrt(var + _BN_EPS)
@@ -527,10 +527,7 @@ class _WidthGroup(nn.Module):
         g, b, w = y.shape
         if lib is not None and bn.training and w % 16 == 0 and w <= native.MAX_DENSE_WIDTH:
             out, mean, var = _NativeBNReLU.apply(y, bn.weight, bn.bias, lib)
-            with torch.no_grad():
-                bn.running_mean.lerp_(mean, _BN_MOMENTUM)
-                bn.running_var.lerp_(var * (b / (b - 1)), _BN_MOMENTUM)
-                bn.num_batches_tracked.add_(1)
+            bn.track(mean, var, b)
             return out
         y = bn(y.transpose(0, 1).reshape(b, g * w)).view(b, g, w).transpose(0, 1)
         return F.relu(y)
@@ -596,7 +593,8 @@ class StackedEnsemble(nn.Module):
             self.group_sizes.append(len(members))
         self.groups = nn.ModuleList(groups)
         self.dropout = True  # tests switch it off to compare with the modules deterministically
-        # the first convolution in C on CPU (native.py): None where it builds, True insists, False never
+        # the C training kernels on CPU (native.py: conv1 and conv2, their batch norms, the dense
+        # layers' batch norms): None where they build, True insists, False never
         self.native: bool | None = None
 
     # ----- computation -----------------------------------------------------------------------

@@ -424,8 +424,7 @@ class _PartsTrainer:
                      for p in parted.parts]
         sizes = [len(g) for g in parted.members]
         self.betas = list(beta.split(sizes))
-        fn = torch.compile(losses, dynamic=False) if settings.compile else losses
-        self.losses = fn
+        self.losses = torch.compile(losses, dynamic=False) if settings.compile else losses
         threads = torch.get_num_threads()
         n = len(parted.parts)
         self.pool = None
