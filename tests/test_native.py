@@ -228,3 +228,44 @@ def test_dense_batchnorm_relu_equals_pytorch(width):
     expected = [ref.detach(), mean_ref, var_ref, y.grad, gamma.grad, beta.grad]
     for name, a, r in zip(("out", "mean", "var", "y grad", "gamma grad", "beta grad"), got, expected):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item(), msg=name)
+
+
+@needs_cc
+@pytest.mark.parametrize("length", [11, 20, 3, 1])
+@pytest.mark.parametrize("mode", ["train", "no-dropout", "eval"])
+def test_third_convolution_equals_pytorch(length, mode):
+    """conv3 -> batch norm -> ReLU -> dropout -> pool of 4 (ceil) in C against the banded-matrix
+    PyTorch path: output, running statistics and the gradients of the input and of every
+    parameter; steps past 16 (two vector chunks), windows cut short, a single step."""
+    from msda.stacked import _ToeplitzConv
+
+    lib = native.conv_stage_library()
+    g = torch.Generator().manual_seed(8)
+    m = 3
+    x = torch.randn(37, length, m * 16, generator=g)
+    go = None
+    results = []
+    for use_c in (True, False):
+        conv = _ToeplitzConv(m + 1, 16, 4, 4)  # one member more: the slice of members is honoured
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=torch.Generator().manual_seed(2)))
+            conv.bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
+            conv.bn.bias.normal_(generator=torch.Generator().manual_seed(4))
+        conv.train(mode != "eval")
+        xi = x.clone().requires_grad_(True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(9)  # the same dropout words on both paths
+            out = conv(xi, mode == "train", slice(1, m + 1), lib if use_c else None)
+        if go is None:
+            go = torch.randn(out.shape, generator=g)
+        (out * go).sum().backward()
+        results.append([out.detach(), xi.grad, conv.weight.grad, conv.bias.grad, conv.bn.weight.grad, conv.bn.bias.grad,
+                        conv.bn.running_mean, conv.bn.running_var])
+    names = ("out", "x grad", "weight grad", "bias grad", "bn weight grad", "bn bias grad", "running mean", "running var")
+    for name, a, r in zip(names, *results):
+        if name == "bias grad" and mode != "eval":  # before a training-mode batch norm: zero up to round-off
+            assert a.abs().max() < 1e-4 * results[1][2].abs().max()
+            continue
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item() + 1e-7, msg=name)
+    assert results[0][2][0].abs().max() == 0  # the member outside the slice gets no gradient

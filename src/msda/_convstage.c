@@ -437,6 +437,242 @@ static int bnpool_backward(const BnPool *B, long first, long n, const float *mea
     return 0;
 }
 
+/* ---- Training: the third convolution, then its batch norm, ReLU, dropout and pool (ceil mode) -----
+ *
+ * conv3 (16 -> 4 channels, kernel 5, replicate padding) reads bnpool's output h (n, L, M*16)
+ * step-major, with w3 (M, 4, 16, K) as Conv1d stores it and b3 (M, 4), and writes y (n, M*4, L)
+ * channel-major (Conv1d's layout), with per-channel partial sums and sums of squares of y in
+ * float64. Forward lanes are output steps (h transposed per sample and member, as in inference);
+ * backward lanes are input channels: for the gradient gy (n, M*4, L) of y, w3k (M, 4, K, 16)
+ * (w3's last two axes swapped) -> gh (n, L, M*16) and gw3 in w3k's layout. The weight gradient
+ * stays in registers over a member's samples (members outermost).
+ * bnpool_w: y (n, CH, L) -> out (n, CH, ceil(L / W)) = the mean of each window of W steps (the
+ * last may be shorter) of relu(y * a + c) kept where bit (s*CH + ch)*L + t of `words` is set,
+ * times `keep` (dropout's 2, or 1 without a mask: words == NULL). Backward in two passes as
+ * bnpool's, the statistics over all n*L values of a channel.
+ */
+#define MAXL3 (MAXL / 4) /* longest input of conv3 */
+
+/* the first n (< 16) floats at p into lanes 0..n-1, the rest 0; and back */
+static inline v16 load_n(const float *p, int n) {
+#ifdef __AVX512F__
+    return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+#else
+    float r[16] __attribute__((aligned(64))) = {0};
+    memcpy(r, p, sizeof(float) * n);
+    return load(r);
+#endif
+}
+static inline void store_n(float *p, v16 v, int n) {
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+#else
+    float r[16] __attribute__((aligned(64)));
+    store(r, v);
+    memcpy(p, r, sizeof(float) * n);
+#endif
+}
+
+/* bits e .. e + n - 1 (n <= 16) of the dropout mask in the low bits, or n set bits without one */
+static inline int mask_bits_at(const u64 *words, long e, int n) {
+    const int lanes = (int)((1u << n) - 1);
+    if (!words) return lanes;
+    const int off = (int)(e & 63);
+    u64 w = words[e >> 6] >> off;
+    if (off + n > 64) w |= words[(e >> 6) + 1] << (64 - off);
+    return (int)w & lanes;
+}
+
+static int conv3_forward(const float *h, long n, int L, int M, const float *w3, const float *b3, float *y,
+                         double *stats /* (2, M*4) */) {
+    const int C = M * C2, Lb = ((L + 15) / 16) * 16;
+    float ht[C2][MAXL3 + 2 * P + 16] __attribute__((aligned(64)));
+    v16 acc_s[M * C3], acc_q[M * C3]; /* over this thread's samples, lanes = steps (masked to L) */
+    for (int i = 0; i < M * C3; ++i) { acc_s[i] = splat(0.f); acc_q[i] = splat(0.f); }
+    for (int c = 0; c < C2; ++c)
+        for (int t = 0; t < MAXL3 + 2 * P + 16; ++t) ht[c][t] = 0.f;
+    for (long s = 0; s < n; ++s)
+        for (int m = 0; m < M; ++m) {
+            const float *hs = h + s * L * C + m * C2;
+            for (int t = 0; t < L; ++t) {
+                const float *row = hs + (long)t * C;
+                for (int c = 0; c < C2; ++c) ht[c][P + t] = row[c];
+            }
+            for (int c = 0; c < C2; ++c) {
+                ht[c][0] = ht[c][1] = ht[c][P];
+                ht[c][P + L] = ht[c][P + L + 1] = ht[c][P + L - 1];
+            }
+            const float *W = w3 + (long)m * C3 * C2 * K;
+            for (int tb = 0; tb < L; tb += 16) {
+                v16 a0[C3], a1[C3]; /* two accumulators per output channel: 8 independent chains */
+                for (int oc = 0; oc < C3; ++oc) { a0[oc] = splat(b3[m * C3 + oc]); a1[oc] = splat(0.f); }
+                for (int c = 0; c < C2; c += 2)
+                    for (int k = 0; k < K; ++k) {
+                        const v16 x0 = load(&ht[c][tb + k]), x1 = load(&ht[c + 1][tb + k]);
+                        for (int oc = 0; oc < C3; ++oc) {
+                            a0[oc] += splat(W[(oc * C2 + c) * K + k]) * x0;
+                            a1[oc] += splat(W[(oc * C2 + c + 1) * K + k]) * x1;
+                        }
+                    }
+                const int e = L - tb < 16 ? L - tb : 16;
+                const v16 live = (v16)((vi16)splat(1.f) & (vi16)load_n((const float[16]){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, e));
+                for (int oc = 0; oc < C3; ++oc) {
+                    const v16 a = a0[oc] + a1[oc];
+                    store_n(y + ((s * M + m) * C3 + oc) * L + tb, a, e);
+                    const v16 am = a * live;
+                    acc_s[m * C3 + oc] += am;
+                    acc_q[m * C3 + oc] += am * am;
+                }
+            }
+            (void)Lb;
+        }
+    for (int i = 0; i < M * C3; ++i) {
+        float fs[16], fq[16];
+        store(fs, acc_s[i]);
+        store(fq, acc_q[i]);
+        double su = 0.0, sq = 0.0;
+        for (int u = 0; u < 16; ++u) { su += fs[u]; sq += fq[u]; }
+        stats[i] += su;
+        stats[M * C3 + i] += sq;
+    }
+    return 0;
+}
+
+#define TJ 8 /* input-gradient rows per register block in conv3_backward */
+
+static int conv3_backward(const float *h, const float *gy, long n, int L, int M, const float *w3k, float *gh,
+                          float *gw /* (M, 4, K, 16) */) {
+    const int C = M * C2, rows = L + 2 * P, rows_c = ((rows + TJ - 1) / TJ) * TJ;
+    v16 hp[MAXL3 + 2 * P];
+    v16 gp[MAXL3 + 2 * P + TJ];
+    float gz[C3][MAXL3 + 2 * P + TJ + K]; /* g of each output channel, K - 1 zeros before, zeros after */
+    for (int oc = 0; oc < C3; ++oc)
+        for (int t = 0; t < MAXL3 + 2 * P + TJ + K; ++t) gz[oc][t] = 0.f;
+    for (long s = 0; s < n; ++s) /* samples outermost: h, gy and gh stream through memory once */
+        for (int m = 0; m < M; ++m) {
+            const float *hs = h + s * L * C + m * C2;
+            const float *Wm = w3k + (long)m * C3 * K * C2;
+            float *Gm = gw + (long)m * C3 * K * C2; /* this thread's partial, in L1 for M <= 16 */
+            for (int t = 0; t < L; ++t) hp[P + t] = load(hs + (long)t * C);
+            for (int t = 0; t < P; ++t) { hp[t] = hp[P]; hp[P + L + t] = hp[P + L - 1]; }
+            for (int oc = 0; oc < C3; ++oc) memcpy(&gz[oc][K - 1], gy + ((s * M + m) * C3 + oc) * L, sizeof(float) * L);
+            /* weight gradient: G[oc][k] += g[oc][t] * hpad[t + k], one output channel at a time (5 registers) */
+            for (int oc = 0; oc < C3; ++oc) {
+                v16 acc[K];
+                for (int k = 0; k < K; ++k) acc[k] = load(Gm + (oc * K + k) * C2);
+                for (int t = 0; t < L; ++t) {
+                    const v16 gv = splat(gz[oc][K - 1 + t]);
+                    for (int k = 0; k < K; ++k) acc[k] += gv * hp[t + k];
+                }
+                for (int k = 0; k < K; ++k) store(Gm + (oc * K + k) * C2, acc[k]);
+            }
+            /* gradient of the padded input: gp[j] = sum_{oc, k} g[oc][j - k] * w[oc][k] */
+            for (int j0 = 0; j0 < rows_c; j0 += TJ) {
+                v16 a[TJ];
+                for (int u = 0; u < TJ; ++u) a[u] = splat(0.f);
+                for (int oc = 0; oc < C3; ++oc)
+                    for (int k = 0; k < K; ++k) {
+                        const v16 w = load(Wm + (oc * K + k) * C2);
+                        const float *g = &gz[oc][K - 1 + j0 - k];
+                        for (int u = 0; u < TJ; ++u) a[u] += splat(g[u]) * w;
+                    }
+                for (int u = 0; u < TJ; ++u) gp[j0 + u] = a[u];
+            }
+            for (int t = 0; t < P; ++t) { gp[P] += gp[t]; gp[P + L - 1] += gp[P + L + t]; } /* the padding's gradients */
+            float *ghs = gh + s * L * C + m * C2;
+            for (int t = 0; t < L; ++t) store(ghs + (long)t * C, gp[P + t]);
+        }
+    return 0;
+}
+
+typedef struct {
+    const float *y, *a, *c, *mean, *istd, *go;
+    const u64 *words;
+    int L, CH, W;
+    float keep;
+} BnPoolW;
+
+static int bnpoolw_forward(const BnPoolW *B, long first, long n, float *out) {
+    const int L = B->L, W = B->W, Lw = (L + W - 1) / W;
+    float r[MAXL3 + 16] __attribute__((aligned(64)));
+    for (long s = first; s < first + n; ++s)
+        for (int ch = 0; ch < B->CH; ++ch) {
+            const long row = s * B->CH + ch;
+            const v16 a = splat(B->a[ch]), c = splat(B->c[ch]);
+            for (int tb = 0; tb < L; tb += 16) {
+                const int e = L - tb < 16 ? L - tb : 16;
+                const v16 v = load_n(B->y + row * L + tb, e) * a + c;
+                store(r + tb, relu_kept(v, mask_bits_at(B->words, row * L + tb, e)));
+            }
+            for (int p = 0; p < Lw; ++p) {
+                const int lo = p * W, hi = lo + W < L ? lo + W : L;
+                float sum = 0.f;
+                for (int t = lo; t < hi; ++t) sum += r[t];
+                out[row * Lw + p] = sum * (B->keep / (float)(hi - lo));
+            }
+        }
+    return 0;
+}
+
+/* per step t: its window's output index and the gradient factor keep / (the window's length) */
+static void bnw_windows(const BnPoolW *B, int *pidx, float *pinv) {
+    for (int t = 0; t < B->L; ++t) {
+        const int p = t / B->W, lo = p * B->W, hi = lo + B->W < B->L ? lo + B->W : B->L;
+        pidx[t] = p;
+        pinv[t] = B->keep / (float)(hi - lo);
+    }
+}
+
+/* gy of steps tb .. tb + e - 1 of a row, and their xhat */
+static inline v16 bnw_gy(const BnPoolW *B, const int *pidx, const float *pinv, long row, int ch, int tb, int e,
+                         v16 *xhat) {
+    const int Lw = (B->L + B->W - 1) / B->W;
+    float g[16] __attribute__((aligned(64)));
+    for (int u = 0; u < 16; ++u) g[u] = u < e ? B->go[row * Lw + pidx[tb + u]] * pinv[tb + u] : 0.f;
+    const v16 yv = load_n(B->y + row * B->L + tb, e);
+    *xhat = (yv - splat(B->mean[ch])) * splat(B->istd[ch]);
+    return grad_kept(load(g), yv * splat(B->a[ch]) + splat(B->c[ch]), mask_bits_at(B->words, row * B->L + tb, e));
+}
+
+static int bnpoolw_sums(const BnPoolW *B, long first, long n, float *sums /* (2, CH) */) {
+    int pidx[MAXL3];
+    float pinv[MAXL3];
+    bnw_windows(B, pidx, pinv);
+    for (int ch = 0; ch < B->CH; ++ch) {
+        v16 s0 = splat(0.f), s1 = splat(0.f);
+        for (long s = first; s < first + n; ++s)
+            for (int tb = 0; tb < B->L; tb += 16) {
+                const int e = B->L - tb < 16 ? B->L - tb : 16;
+                v16 xhat;
+                const v16 gy = bnw_gy(B, pidx, pinv, s * B->CH + ch, ch, tb, e, &xhat);
+                s0 += gy;
+                s1 += gy * xhat;
+            }
+        float f0[16], f1[16];
+        store(f0, s0);
+        store(f1, s1);
+        for (int u = 0; u < 16; ++u) { sums[ch] += f0[u]; sums[B->CH + ch] += f1[u]; }
+    }
+    return 0;
+}
+
+static int bnpoolw_backward(const BnPoolW *B, long first, long n, const float *means /* (2, CH) */, float *gz) {
+    int pidx[MAXL3];
+    float pinv[MAXL3];
+    bnw_windows(B, pidx, pinv);
+    for (long s = first; s < first + n; ++s)
+        for (int ch = 0; ch < B->CH; ++ch) {
+            const long row = s * B->CH + ch;
+            for (int tb = 0; tb < B->L; tb += 16) {
+                const int e = B->L - tb < 16 ? B->L - tb : 16;
+                v16 xhat;
+                const v16 gy = bnw_gy(B, pidx, pinv, row, ch, tb, e, &xhat);
+                store_n(gz + row * B->L + tb, splat(B->a[ch]) * (gy - splat(means[ch]) - xhat * splat(means[B->CH + ch])), e);
+            }
+        }
+    return 0;
+}
+
 /* ---- Training: batch norm + ReLU of the dense layers, in their (members, batch, width) layout ---
  *
  * y (G, B, W), W a multiple of 16 (at most MAXW): per member g and channel, the batch mean and
@@ -604,4 +840,46 @@ int msda_bnrelu_backward(const float *y, const float *out, const float *go, long
                          const float *gamma, const float *mean, const float *istd, float *gz, float *dgamma,
                          float *dbeta, int threads) {
     SPLIT(threads, G, bnrelu_backward(y, out, go, lo, hi - lo, B, W, gamma, mean, istd, gz, dgamma, dbeta))
+}
+
+/* samples [first, first + n) of the batch; h, y and gy point at the batch's first sample; stats:
+ * `threads` partials (2, M*4), gw `threads` partials (M, 4, K, 16), zeroed by the caller */
+int msda_conv3_forward(const float *h, long first, long n, int L, int M, const float *w3, const float *b3, float *y,
+                       double *stats, int threads) {
+    if (L < 1 || L > MAXL3) return -1;
+    const long per_in = (long)L * M * C2, per_out = (long)M * C3 * L;
+    SPLIT(threads, n, conv3_forward(h + (first + lo) * per_in, hi - lo, L, M, w3, b3, y + (first + lo) * per_out,
+                                    stats + (long)i * 2 * M * C3))
+}
+
+int msda_conv3_backward(const float *h, const float *gy, long first, long n, int L, int M, const float *w3k, float *gh,
+                        float *gw, int threads) {
+    if (L < 1 || L > MAXL3) return -1;
+    const long per_in = (long)L * M * C2, per_out = (long)M * C3 * L;
+    SPLIT(threads, n, conv3_backward(h + (first + lo) * per_in, gy + (first + lo) * per_out, hi - lo, L, M, w3k,
+                                     gh + (first + lo) * per_in, gw + (long)i * M * C3 * K * C2))
+}
+
+/* y, go, out, gz point at the batch's first sample; samples [first, first + n) */
+int msda_bnpoolw_forward(const float *y, long first, long n, int L, int CH, int W, const float *a, const float *c,
+                         const u64 *words, float keep, float *out, int threads) {
+    if (L < 1 || W < 1) return -1;
+    const BnPoolW B = {y, a, c, NULL, NULL, NULL, words, L, CH, W, keep};
+    SPLIT(threads, n, bnpoolw_forward(&B, first + lo, hi - lo, out))
+}
+
+int msda_bnpoolw_sums(const float *y, long first, long n, int L, int CH, int W, const float *a, const float *c,
+                      const float *mean, const float *istd, const u64 *words, float keep, const float *go,
+                      float *sums, int threads) {
+    if (L < 1 || W < 1) return -1;
+    const BnPoolW B = {y, a, c, mean, istd, go, words, L, CH, W, keep};
+    SPLIT(threads, n, bnpoolw_sums(&B, first + lo, hi - lo, sums + (long)i * 2 * CH))
+}
+
+int msda_bnpoolw_backward(const float *y, long first, long n, int L, int CH, int W, const float *a, const float *c,
+                          const float *mean, const float *istd, const u64 *words, float keep, const float *go,
+                          const float *means, float *gz, int threads) {
+    if (L < 1 || W < 1) return -1;
+    const BnPoolW B = {y, a, c, mean, istd, go, words, L, CH, W, keep};
+    SPLIT(threads, n, bnpoolw_backward(&B, first + lo, hi - lo, means, gz))
 }

@@ -6,8 +6,9 @@ with every intermediate in L1 cache; PyTorch instead writes each stage of a whol
 memory and reads it back (measured on 2 cores: 2.1x for the stage alone, 1.7x for the whole
 predictor in benchmarks/predict.py). Training (``stacked.py``): conv1 -> ReLU -> dropout ->
 pool -> conv2 per sample and member, conv1's output never written to memory, and the backward
-pass through both; then conv2's batch norm, ReLU, dropout and pool (``conv12_*``, ``bnpool_*``),
-and the dense layers' batch norm and ReLU in their (members, batch, width) layout (``bnrelu_*``).
+pass through both; then conv2's batch norm, ReLU, dropout and pool (``conv12_*``, ``bnpool_*``);
+conv3 and its batch norm, ReLU, dropout and pool of 4 (``conv3_*``, ``bnpoolw_*``); and the dense
+layers' batch norm and ReLU in their (members, batch, width) layout (``bnrelu_*``).
 
 The source is compiled once per machine with the system's C compiler (``$CC``, else cc, gcc or
 clang; ``-O3 -march=native``, with ``-fopenmp`` where the compiler has it) into
@@ -109,11 +110,19 @@ def conv_stage_library() -> ctypes.CDLL | None:
         return None
     train = [_P, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P]
     bn = [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P]
+    pw = [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P]
     for name, args in (("msda_conv_stage", _ARGTYPES), ("msda_conv12_forward", train + [_P, _P, _P]),
                        ("msda_conv12_backward", train + [_P, _P, _P]),
                        ("msda_bnpool_forward", bn + [_P, ctypes.c_float, _P]),
                        ("msda_bnpool_sums", bn + [_P, _P, _P, ctypes.c_float, _P, _P]),
                        ("msda_bnpool_backward", bn + [_P, _P, _P, ctypes.c_float, _P, _P, _P]),
+                       ("msda_conv3_forward", [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P, _P,
+                                               _P]),
+                       ("msda_conv3_backward", [_P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P,
+                                                _P]),
+                       ("msda_bnpoolw_forward", pw + [_P, ctypes.c_float, _P]),
+                       ("msda_bnpoolw_sums", pw + [_P, _P, _P, ctypes.c_float, _P, _P]),
+                       ("msda_bnpoolw_backward", pw + [_P, _P, _P, ctypes.c_float, _P, _P, _P]),
                        ("msda_bnrelu_forward", [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, _P, _P, ctypes.c_float,
                                                 _P, _P, _P]),
                        ("msda_bnrelu_backward", [_P, _P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_int, _P, _P, _P,
@@ -278,6 +287,78 @@ def bnpool_backward(lib: ctypes.CDLL, z: torch.Tensor, a: torch.Tensor, c: torch
     gz = torch.empty_like(z)
     _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_bnpool_backward(*args(lo, hi), means.data_ptr(), gz.data_ptr(),
                                                                         threads), what)
+    return gz, total[0], total[1]
+
+
+MAX_CONV3_LENGTH = MAX_LENGTH // 4  # longest input of conv3_* (_convstage.c's MAXL3)
+
+
+def conv3_forward(lib: ctypes.CDLL, h: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The third convolution of training in C: h (B, L, M*16) step-major (``bnpool_forward``'s
+    output), w3 (M, 4, 16, K) and b3 (M, 4) as Conv1d stores them -> y (B, M*4, L) channel-major,
+    and y's mean and (biased) variance per channel (2, M*4), accumulated in float64."""
+    h, w3, b3 = h.contiguous(), w3.contiguous(), b3.contiguous()
+    n, length, _ = h.shape
+    m = w3.shape[0]
+    y = h.new_empty(n, m * FILTERS[2], length)
+    sums = h.new_zeros(_threads(n), 2, m * FILTERS[2], dtype=torch.float64)
+    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv3_forward(
+        h.data_ptr(), lo, hi - lo, length, m, w3.data_ptr(), b3.data_ptr(), y.data_ptr(), sums[part].data_ptr(), threads),
+        f"length {length}, members {m}")
+    total = sums.sum(0) / (n * length)
+    return y, torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
+
+
+def conv3_backward(lib: ctypes.CDLL, h: torch.Tensor, w3: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``conv3_forward`` for gy (B, M*4, L): h's (B, L, M*16) and w3's (M, 4, 16, K);
+    b3's is gy summed over samples and steps."""
+    h, gy = h.contiguous(), gy.contiguous()
+    n, length, _ = h.shape
+    m = w3.shape[0]
+    w3k = w3.transpose(2, 3).contiguous()  # (M, 4, K, 16): a row of input-channel weights per (output, tap)
+    gh = torch.empty_like(h)
+    gw = h.new_zeros(_threads(n), *w3k.shape)
+    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv3_backward(
+        h.data_ptr(), gy.data_ptr(), lo, hi - lo, length, m, w3k.data_ptr(), gh.data_ptr(), gw[part].data_ptr(), threads),
+        f"length {length}, members {m}")
+    return gh, gw.sum(0).transpose(2, 3)
+
+
+def bnpoolw_forward(lib: ctypes.CDLL, y: torch.Tensor, a: torch.Tensor, c: torch.Tensor, words: torch.Tensor | None,
+                    window: int) -> torch.Tensor:
+    """Batch norm (y * a + c per channel), ReLU, dropout and an average pool of ``window`` steps
+    (ceil mode: the last window may be shorter), in C: y (B, CH, L) channel-major ->
+    (B, CH, ceil(L / window)); ``words`` the dropout mask's bits (element (s * CH + ch) * L + t,
+    kept values doubled), None for no dropout."""
+    y, a, c = y.contiguous(), a.contiguous(), c.contiguous()
+    n, ch, length = y.shape
+    out = y.new_empty(n, ch, -(-length // window))
+    wp, keep = (words.data_ptr(), 2.0) if words is not None else (None, 1.0)
+    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_bnpoolw_forward(
+        y.data_ptr(), lo, hi - lo, length, ch, window, a.data_ptr(), c.data_ptr(), wp, keep, out.data_ptr(), threads),
+        f"length {length}, window {window}")
+    return out
+
+
+def bnpoolw_backward(lib: ctypes.CDLL, y: torch.Tensor, a: torch.Tensor, c: torch.Tensor, mean: torch.Tensor,
+                     istd: torch.Tensor, words: torch.Tensor | None, window: int, go: torch.Tensor):
+    """Gradients of ``bnpoolw_forward`` (training-mode batch norm with batch mean and 1/std
+    ``istd``) for go (B, CH, ceil(L / window)): y's, and the sums of gy and gy * xhat per channel
+    (the gradients of the batch norm's bias and weight)."""
+    y, go = y.contiguous(), go.contiguous()
+    n, ch, length = y.shape
+    wp, keep = (words.data_ptr(), 2.0) if words is not None else (None, 1.0)
+    sums = y.new_zeros(_threads(n), 2, ch)
+    args = lambda lo, hi: (y.data_ptr(), lo, hi - lo, length, ch, window, a.data_ptr(), c.data_ptr(),  # noqa: E731
+                           mean.data_ptr(), istd.data_ptr(), wp, keep, go.data_ptr())
+    what = f"length {length}, window {window}"
+    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_bnpoolw_sums(*args(lo, hi), sums[part].data_ptr(), threads),
+              what)
+    total = sums.sum(0)
+    means = (total / (n * length)).contiguous()
+    gz = torch.empty_like(y)
+    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_bnpoolw_backward(*args(lo, hi), means.data_ptr(), gz.data_ptr(),
+                                                                         threads), what)
     return gz, total[0], total[1]
 
 

@@ -7,7 +7,8 @@ PyTorch calls per batch. Here the members share each batch and their parameters 
   members, its batch norm folded into the weights (``_SharedConv``), ReLU, dropout and the
   pairwise pool in one autograd function;
 - the second convolution is one grouped convolution in steps-major layout, the third one
-  banded matrix per member (``_ToeplitzConv``);
+  banded matrix per member (``_ToeplitzConv``); on CPU, C kernels (``native.py``) replace the
+  three convolutions and their batch norms, ReLUs, dropouts and pools in training;
 - the dense blocks are grouped (widths 8-32 share a group, zero-padded to 32; 64 and 128 have
   their own): block k of every member of a group that is deeper than k is one batched product;
 - the bottlenecks of a group take inputs of different lengths (30 + d*w); they are zero-padded
@@ -389,6 +390,46 @@ class _NativeBNPool(torch.autograd.Function):
         return gz, d_gamma, d_beta, None, None, None, None
 
 
+class _NativeConv3(torch.autograd.Function):
+    """The third convolution in C (``native.conv3_forward``): h (B, L, k*16) step-major -> y
+    (B, k*4, L) channel-major, and y's mean and variance per channel (float64, no gradient)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, lib):
+        y, stats = native.conv3_forward(lib, h, weight, bias)
+        ctx.save_for_backward(h, weight)
+        ctx.lib = lib
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _):
+        h, weight = ctx.saved_tensors
+        gh, gw = native.conv3_backward(ctx.lib, h, weight, grad)
+        return gh, gw, grad.sum((0, 2)).view_as(weight[:, :, 0, 0]), None
+
+
+class _NativeBNPoolW(torch.autograd.Function):
+    """Training-mode batch norm (batch ``mean`` and 1/std ``istd`` given), ReLU, dropout and an
+    average pool of ``window`` steps (ceil mode), in C (``native.bnpoolw_forward``):
+    y (B, C, L) -> (B, C, ceil(L / window)). The backward pass makes the normalised values again."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, mean, istd, dropout: bool, window: int, lib) -> torch.Tensor:
+        a = gamma * istd
+        c = beta - mean * a
+        words = _coin_words(y.numel(), y.device) if dropout else None
+        ctx.save_for_backward(y, a, c, mean, istd, words)
+        ctx.lib, ctx.window = lib, window
+        return native.bnpoolw_forward(lib, y, a, c, words, window)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, a, c, mean, istd, words = ctx.saved_tensors
+        gz, d_beta, d_gamma = native.bnpoolw_backward(ctx.lib, y, a, c, mean, istd, words, ctx.window, grad)
+        return gz, d_gamma, d_beta, None, None, None, None, None
+
+
 class _ToeplitzConv(_Conv):
     """A short convolution as one matrix per member: (c_in x L) -> (c_out x L).
 
@@ -397,9 +438,20 @@ class _ToeplitzConv(_Conv):
     matrix (replicate padding included) runs as one batched matrix product over the members.
     """
 
-    def forward(self, x: torch.Tensor, training: bool, members: slice) -> torch.Tensor:
-        """x: (B, L, k * c_in) -> pool(dropout(relu(bn(conv(x))))) as (B, k * c_out, L') (channels first)."""
+    def forward(self, x: torch.Tensor, training: bool, members: slice, lib=None) -> torch.Tensor:
+        """x: (B, L, k * c_in) -> pool(dropout(relu(bn(conv(x))))) as (B, k * c_out, L') (channels first).
+
+        With ``lib``, in C (``_NativeConv3``, and ``_NativeBNPoolW`` when batch norm is in training mode)."""
         b, length, _ = x.shape
+        if lib is not None and 1 <= length <= native.MAX_CONV3_LENGTH:
+            y, stats = _NativeConv3.apply(x, self.weight[members], self.bias[members], lib)
+            bn = self.bn
+            if not bn.training:
+                return _avg_pool(_dropout(F.relu(bn(y, members)), training), self.pool, ceil=True)
+            mean, var = stats.to(y.dtype)
+            bn.track(mean, var, b * length, members)
+            return _NativeBNPoolW.apply(y, bn.weight[members].reshape(-1), bn.bias[members].reshape(-1), mean,
+                                        torch.rsqrt(var + _BN_EPS), training, self.pool, lib)
         w = self.weight[members]  # (k, c_out, c_in, K)
         k, c_out, c_in, _ = w.shape
         taps = _replicate_taps(length, x.device, x.dtype)  # (K, L_out, L_in)
@@ -658,7 +710,7 @@ class StackedEnsemble(nn.Module):
             h = self.conv2.after(z, patches.shape[0] // self.length, training, part, lib, z_stats)
         else:
             h = self.conv2(self.conv1(patches, stats, training, part, self.length), training, part)
-        h = self.conv3(h, training, part)
+        h = self.conv3(h, training, part, lib)
         return h.reshape(h.shape[0], part.stop - part.start, -1)
 
     # ----- conversion ------------------------------------------------------------------------
