@@ -296,6 +296,17 @@ def fit(
         domain = DOMAIN_LOSSES[weights.domain_loss]
         alpha = float(weights.alpha)
 
+        def make_batch(idx: torch.Tensor, it: torch.Tensor | None, ic: torch.Tensor | None):
+            """The rows of one step (labeled, then target, then 9 km) and their truths."""
+            rows, yc = [x_lab[idx]], None
+            if it is not None:
+                rows.append(x_t[it])
+            if ic is not None:
+                rows.append(x_c[ic])
+                yc = y_c[ic]
+            xb = torch.cat(rows) if len(rows) > 1 else rows[0]
+            return xb, y_lab[idx], idx.shape[0], 0 if it is None else it.shape[0], yc
+
         def losses(part: StackedEnsemble, beta_part: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, n_l: int,
                    n_t: int, yc: torch.Tensor | None):
             y, f = part(xb, internal_order=True)
@@ -325,31 +336,14 @@ def fit(
         stacked.train()
         try:
             for epoch in range(settings.epochs):
-                sums = torch.zeros(4, m, device=device, dtype=torch.float64)
-                seen = 0
                 t0 = time.perf_counter()
-                for idx in epoch_batches(n_lab, settings.batch, rng_lab, device):
-                    n_l = idx.shape[0]
-                    parts, n_t, yc = [x_lab[idx]], 0, None
-                    if s_tgt is not None:
-                        parts.append(x_t[s_tgt.take(settings.batch)])
-                        n_t = settings.batch
-                    if s_9km is not None:
-                        ic = s_9km.take(settings.batch)
-                        parts.append(x_c[ic])
-                        yc = y_c[ic]
-                    xb = torch.cat(parts) if len(parts) > 1 else parts[0]
-                    total, fine, coarse, dom = trainer.step(xb, y_lab[idx], n_l, n_t, yc)
-                    with torch.no_grad():
-                        sums[0] += total.detach() * n_l
-                        sums[1] += fine.detach() * n_l
-                        if coarse is not None:
-                            sums[2] += coarse.detach() * n_l
-                        if dom is not None:
-                            sums[3] += dom.detach() * n_l
-                    seen += n_l
-                    steps += 1
-                    bar.update(1)
+                # the epoch's batches (indices) drawn here, in the same order whatever the parts
+                batches = [(idx, s_tgt.take(settings.batch) if s_tgt is not None else None,
+                            s_9km.take(settings.batch) if s_9km is not None else None)
+                           for idx in epoch_batches(n_lab, settings.batch, rng_lab, device)]
+                sums = trainer.epoch(batches, make_batch, bar.update)
+                seen = n_lab
+                steps += len(batches)
                 means = (sums / seen).cpu().numpy()
                 secs = time.perf_counter() - t0
                 for j, i in enumerate(stacked.order):
@@ -428,6 +422,7 @@ class _PartsTrainer:
         threads = torch.get_num_threads()
         n = len(parted.parts)
         self.pool = None
+        self._stop = False
         if n > 1 and device.type == "cpu" and threads >= n and not settings.compile:
             self.pool = ThreadPoolExecutor(n, thread_name_prefix="msda-part", initializer=torch.set_num_threads,
                                            initargs=(threads // n,))
@@ -439,12 +434,40 @@ class _PartsTrainer:
         self.opts[k].step()
         return tuple(None if t is None else t.detach() for t in (total, fine, coarse, dom))
 
-    def step(self, xb, yb, n_l: int, n_t: int, yc):
-        """Per-member (total, 50 m, 9 km, domain) losses, members in ``parted.order`` (None: unused)."""
-        run = lambda k: self._step(k, xb, yb, n_l, n_t, yc)  # noqa: E731
+    def _epoch(self, k: int, batches, make, on_step) -> torch.Tensor:
+        """Part k through all the epoch's batches: its members' sums of (total, 50 m, 9 km, domain)
+        losses weighted by the labeled samples of each step (4, members of part k)."""
+        sums = None
+        for b in batches:
+            if self._stop:
+                break
+            xb, yb, n_l, n_t, yc = make(*b)
+            losses = self._step(k, xb, yb, n_l, n_t, yc)
+            with torch.no_grad():
+                if sums is None:
+                    sums = torch.zeros(4, losses[0].shape[0], device=losses[0].device, dtype=torch.float64)
+                for row, value in enumerate(losses):
+                    if value is not None:
+                        sums[row] += value * n_l
+            if k == 0:
+                on_step(1)
+        return sums
+
+    def epoch(self, batches, make, on_step) -> torch.Tensor:
+        """One epoch of every part: ``make(*batch)`` gives a step's (rows, truths, n labeled, n
+        target, 9 km truths); ``on_step(1)`` after each step of part 0. Returns the members'
+        (4, members) loss sums in ``parted.order``.
+
+        The parts do not wait for each other between steps (each has its own batches' copies and
+        generator), only at the end of the epoch: no step waits for the slower part."""
+        run = lambda k: self._epoch(k, batches, make, on_step)  # noqa: E731
         ks = range(len(self.opts))
-        results = list(self.pool.map(run, ks)) if self.pool is not None else [run(k) for k in ks]
-        return tuple(None if r[0] is None else torch.cat(r) for r in zip(*results))
+        try:
+            results = list(self.pool.map(run, ks)) if self.pool is not None else [run(k) for k in ks]
+        except BaseException:
+            self._stop = True  # the other parts stop at their next step
+            raise
+        return torch.cat(results, dim=1)
 
     def close(self) -> None:
         if self.pool is not None:
