@@ -531,11 +531,11 @@ class _SharedConv(_Conv):
         p = torch.cat((windows, windows.new_ones(b * length, 1)), dim=1)
         if not training:
             return p, None
-        flat = windows.double()
-        mu = flat.mean(0)
-        centred = flat - mu
-        sigma = centred.T @ centred / flat.shape[0]
-        return p, (mu.to(series.dtype), sigma.to(series.dtype), flat.shape[0])
+        n = windows.shape[0]
+        mu = windows.sum(0, dtype=torch.float64) / n  # the mean in float64, the centred product in the
+        centred = windows - mu.to(windows.dtype)  # model's dtype: its values are O(1) (~8x faster on CPU)
+        sigma = (centred.T @ centred).double() / n
+        return p, (mu.to(series.dtype), sigma.to(series.dtype), n)
 
 
 class _WidthGroup(nn.Module):

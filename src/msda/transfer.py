@@ -414,8 +414,11 @@ class _PartsTrainer:
 
     def __init__(self, parted: PartedEnsemble, beta: torch.Tensor, losses, settings: TrainSettings, device: torch.device):
         self.parted = parted
-        self.opts = [torch.optim.Adam(p.parameters(), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, **_adam_kwargs(device))
-                     for p in parted.parts]
+        self.opts, self.grads = [], []
+        for part in parted.parts:
+            flat, grad = _flat_parameters(part)
+            self.opts.append(torch.optim.Adam([flat], lr=settings.lr, betas=(0.9, 0.999), eps=1e-8, **_adam_kwargs(device)))
+            self.grads.append(grad)
         sizes = [len(g) for g in parted.members]
         self.betas = list(beta.split(sizes))
         self.losses = torch.compile(losses, dynamic=False) if settings.compile else losses
@@ -428,7 +431,7 @@ class _PartsTrainer:
                                            initargs=(threads // n,))
 
     def _step(self, k: int, xb, yb, n_l: int, n_t: int, yc):
-        self.opts[k].zero_grad(set_to_none=True)
+        self.grads[k].zero_()
         total, fine, coarse, dom = self.losses(self.parted.parts[k], self.betas[k], xb, yb, n_l, n_t, yc)
         total.sum().backward()
         self.opts[k].step()
@@ -472,6 +475,28 @@ class _PartsTrainer:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+
+@torch.no_grad()
+def _flat_parameters(module: torch.nn.Module) -> tuple[torch.nn.Parameter, torch.Tensor]:
+    """Put the parameters of ``module`` and their gradients into two flat buffers (the parameters
+    become views of the first, their ``.grad`` views of the second, which backward adds into).
+
+    Returns the buffer as one parameter whose ``.grad`` is the gradient buffer: one Adam step
+    over it is the elementwise Adam of every parameter, without the per-tensor work of an
+    optimiser over ~200 tensors (about 2 % of a CPU step)."""
+    params = list(module.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    grad = torch.zeros_like(flat)
+    start = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[start : start + n].view_as(p)
+        p.grad = grad[start : start + n].view_as(p)
+        start += n
+    shared = torch.nn.Parameter(flat)
+    shared.grad = grad
+    return shared, grad
 
 
 @torch.no_grad()
