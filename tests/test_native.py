@@ -269,3 +269,39 @@ def test_third_convolution_equals_pytorch(length, mode):
             continue
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item() + 1e-7, msg=name)
     assert results[0][2][0].abs().max() == 0  # the member outside the slice gets no gradient
+
+
+@needs_cc
+def test_dense_blocks_function_equals_autograd():
+    """The dense blocks written out (``_DenseBlocks``) against the same blocks through autograd
+    (``_WidthGroup._blocks``): the bottleneck inputs, the gradients of the inputs and of every
+    block parameter, and the running statistics; members of depths 1-3 in one group."""
+    from msda.stacked import _DenseBlocks, _WidthGroup
+
+    lib = native.conv_stage_library()
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(4, 40, 30, generator=g)
+    go = None
+    results = []
+    for written_out in (True, False):
+        torch.manual_seed(0)
+        group = _WidthGroup(32, [1, 2, 2, 3], [32, 16, 32, 32], 30, 32).train()
+        with torch.no_grad():
+            for p in group.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3 + (p.dim() == 1))
+        hi = h.clone().requires_grad_(True)
+        params = group.block_parameters()
+        x = _DenseBlocks.apply(hi, group, lib, *params) if written_out else group._blocks(hi, lib)
+        if go is None:
+            go = torch.randn(x.shape, generator=g)
+        (x * go).sum().backward()
+        stats = [t.clone() for blk in group.blocks for n in ("bn1", "bn2", "bn3")
+                 for t in (blk[n].running_mean, blk[n].running_var, blk[n].num_batches_tracked)]
+        results.append(([x.detach(), hi.grad] + [p.grad for p in params], stats))
+    (a, sa), (r, sr) = results
+    for i, (u, v) in enumerate(zip(a, r)):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4 * v.abs().max().item() + 1e-6, msg=f"tensor {i}")
+    for u, v in zip(sa, sr):
+        torch.testing.assert_close(u, v)
+    assert a[0][0, :, : 32 * 2].abs().max() == 0  # the depth-1 member's front columns (blocks 2, 3) stay zero
+    assert a[0][0, :, 32 * 2 :].abs().max() > 0
