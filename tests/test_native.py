@@ -108,54 +108,65 @@ class _NoOpenMP:
         return (lambda: 0) if name == "msda_openmp" else getattr(self._lib, name)
 
 
-def _convs12(use_c, lib, patches, fused, w2, b2, length, training, grad, seed=11):
-    """conv2's output (before its batch norm) and the gradients of fused, w2 and b2, from the
-    C kernels or from PyTorch's first convolution followed by a grouped Conv1d."""
+def _conv_stage(use_c, lib, patches, params, length, training, grad, seed=11):
+    """conv3's output (before its batch norm) and the gradients of every parameter, from the C
+    kernels or from PyTorch: the first convolution, a grouped Conv1d, training-mode batch norm,
+    ReLU, dropout and pool, and conv3 as a Conv1d (replicate padding)."""
     import torch.nn.functional as F
 
-    from msda.stacked import _LinearReluDropoutPool2, _NativeConv12
+    from msda.stacked import _BN, _LinearReluDropoutPool2, _NativeConvStage, _ReluDropoutPool2
 
-    leaves = [t.detach().clone().requires_grad_(True) for t in (fused, w2, b2)]
-    fused, w2, b2 = leaves
+    leaves = [t.detach().clone().requires_grad_(True) for t in params]
+    fused, w2, b2, gamma, beta, w3, b3 = leaves
     m = w2.shape[0]
+    bn2 = _BN((m, 16))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same dropout words on both paths
         if use_c:
-            z, stats = _NativeConv12.apply(patches, fused, w2, b2, length, training, lib)
-            var, mean = torch.var_mean(z.detach().double(), dim=0, correction=0)  # the kernel's statistics
+            y, stats = _NativeConvStage.apply(patches, fused, w2, b2, gamma, beta, w3, b3, length, training, bn2,
+                                              slice(None), lib)
+            var, mean = torch.var_mean(y.detach().double(), dim=(0, 2), correction=0)  # the kernel's statistics
             torch.testing.assert_close(stats, torch.stack((mean, var)), rtol=1e-5, atol=1e-5)
         else:
             h = _LinearReluDropoutPool2.apply(patches, fused, length, training, 2)  # (B, L/2 + 4, m*32)
-            z = F.conv1d(h.transpose(1, 2), w2.flatten(0, 1), b2.flatten(), groups=m)
-            z = z.transpose(1, 2).reshape(-1, m * 16)
-    (z * grad).sum().backward()
-    return [z.detach()] + [t.grad for t in leaves]
+            z = F.conv1d(h.transpose(1, 2), w2.flatten(0, 1), b2.flatten(), groups=m)  # (B, m*16, L/2)
+            zn = F.batch_norm(z, bn2.running_mean.view(-1), bn2.running_var.view(-1), gamma, beta, True, 0.1, 1e-5)
+            h2 = _ReluDropoutPool2.apply(zn.transpose(1, 2), training, 1).transpose(1, 2)  # (B, m*16, L/4)
+            y = F.conv1d(F.pad(h2, (2, 2), mode="replicate"), w3.flatten(0, 1), b3.flatten(), groups=m)
+    (y * grad).sum().backward()
+    return [y.detach(), bn2.running_mean.clone(), bn2.running_var.clone()] + [t.grad for t in leaves]
 
 
 @needs_cc
-@pytest.mark.parametrize("length", [46, 31, 2])
+@pytest.mark.parametrize("length", [46, 31, 4])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("openmp", [True, False])
 def test_training_convolutions_equal_pytorch(length, training, openmp):
-    """conv1 -> ReLU -> dropout -> pool -> conv2 in C against PyTorch: output and the gradients
-    of both layers' weights; dropout mask bits, replicate padding, odd lengths, window widths 16
-    and 41, samples split over threads (OpenMP or Python threads)."""
+    """The three convolutions of training in C, conv2's batch norm, ReLU, dropout and pool in
+    between, against PyTorch: conv3's output, conv2's running statistics and the gradients of
+    every weight; dropout mask bits, replicate padding, odd lengths, window widths 16 and 41,
+    samples split over threads (OpenMP or Python threads)."""
     lib = native.conv_stage_library()
     lib = lib if openmp else _NoOpenMP(lib)
     g = torch.Generator().manual_seed(3)
+    names = ("y", "running mean", "running var", "conv1 weight", "conv2 weight", "conv2 bias", "bn2 weight", "bn2 bias",
+             "conv3 weight", "conv3 bias")
     for batch, kc, m in ((37, 16, 3), (5, 41, 1)):
         patches = torch.randn(batch * length, kc, generator=g)
         patches[:, -1] = 1.0
-        fused = torch.randn(m * 32, kc, generator=g)
-        w2 = torch.randn(m, 16, 32, 5, generator=g) * 0.2
-        b2 = torch.randn(m, 16, generator=g)
-        grad = torch.randn(batch * (length // 2), m * 16, generator=g)
-        got = _convs12(True, lib, patches, fused, w2, b2, length, training, grad)
-        ref = _convs12(False, None, patches, fused, w2, b2, length, training, grad)
-        for name, a, r in zip(("z", "conv1 weight", "conv2 weight", "conv2 bias"), got, ref):
+        params = (torch.randn(m * 32, kc, generator=g), torch.randn(m, 16, 32, 5, generator=g) * 0.2,
+                  torch.randn(m, 16, generator=g), torch.rand(m * 16, generator=g) + 0.5, torch.randn(m * 16, generator=g),
+                  torch.randn(m, 4, 16, 5, generator=g) * 0.3, torch.randn(m, 4, generator=g))
+        grad = torch.randn(batch, m * 4, length // 4, generator=g)
+        got = _conv_stage(True, lib, patches, params, length, training, grad)
+        ref = _conv_stage(False, None, patches, params, length, training, grad)
+        for name, a, r in zip(names, got, ref):
+            if name == "conv2 bias":  # before a training-mode batch norm: zero up to round-off
+                assert max(a.abs().max(), r.abs().max()) < 1e-4 * got[4].abs().max(), name
+                continue
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item(), msg=name)
         if training:  # a different mask gives a different result: the bits are really used
-            other = _convs12(True, lib, patches, fused, w2, b2, length, training, grad, seed=12)
+            other = _conv_stage(True, lib, patches, params, length, training, grad, seed=12)
             assert not torch.allclose(other[0], got[0])
 
 
@@ -232,41 +243,40 @@ def test_dense_batchnorm_relu_equals_pytorch(width):
 
 @needs_cc
 @pytest.mark.parametrize("length", [11, 20, 3, 1])
-@pytest.mark.parametrize("mode", ["train", "no-dropout", "eval"])
-def test_third_convolution_equals_pytorch(length, mode):
-    """conv3 -> batch norm -> ReLU -> dropout -> pool of 4 (ceil) in C against the banded-matrix
-    PyTorch path: output, running statistics and the gradients of the input and of every
-    parameter; steps past 16 (two vector chunks), windows cut short, a single step."""
-    from msda.stacked import _ToeplitzConv
+@pytest.mark.parametrize("dropout", [True, False])
+def test_third_batchnorm_pool_equals_pytorch(length, dropout):
+    """conv3's batch norm, ReLU, dropout and pool of 4 (ceil) in C (``_ToeplitzConv.pooled``)
+    against PyTorch's: output, running statistics and the gradients of the input and of the
+    batch norm; steps past 16 (two vector chunks), windows cut short, a single step."""
+    import torch.nn.functional as F
+
+    from msda.stacked import _avg_pool, _dropout, _ToeplitzConv
 
     lib = native.conv_stage_library()
     g = torch.Generator().manual_seed(8)
     m = 3
-    x = torch.randn(37, length, m * 16, generator=g)
-    go = None
+    y = torch.randn(37, m * 4, length, generator=g) * 2 + 1
+    go = torch.randn(37, m * 4, -(-length // 4), generator=g)
     results = []
     for use_c in (True, False):
-        conv = _ToeplitzConv(m + 1, 16, 4, 4)  # one member more: the slice of members is honoured
+        conv = _ToeplitzConv(m + 1, 16, 4, 4).train()  # one member more: the slice of members is honoured
         with torch.no_grad():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
-            conv.bias.copy_(torch.randn(conv.bias.shape, generator=torch.Generator().manual_seed(2)))
             conv.bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
             conv.bn.bias.normal_(generator=torch.Generator().manual_seed(4))
-        conv.train(mode != "eval")
-        xi = x.clone().requires_grad_(True)
+        yi = y.clone().requires_grad_(True)
+        members = slice(1, m + 1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(9)  # the same dropout words on both paths
-            out = conv(xi, mode == "train", slice(1, m + 1), lib if use_c else None)
-        if go is None:
-            go = torch.randn(out.shape, generator=g)
+            if use_c:
+                var, mean = torch.var_mean(yi.detach().double(), dim=(0, 2), correction=0)
+                out = conv.pooled(yi, torch.stack((mean, var)), dropout, members, lib)
+            else:
+                out = _avg_pool(_dropout(F.relu(conv.bn(yi, members)), dropout), 4, ceil=True)
         (out * go).sum().backward()
-        results.append([out.detach(), xi.grad, conv.weight.grad, conv.bias.grad, conv.bn.weight.grad, conv.bn.bias.grad,
-                        conv.bn.running_mean, conv.bn.running_var])
-    names = ("out", "x grad", "weight grad", "bias grad", "bn weight grad", "bn bias grad", "running mean", "running var")
+        results.append([out.detach(), yi.grad, conv.bn.weight.grad, conv.bn.bias.grad, conv.bn.running_mean,
+                        conv.bn.running_var])
+    names = ("out", "y grad", "bn weight grad", "bn bias grad", "running mean", "running var")
     for name, a, r in zip(names, *results):
-        if name == "bias grad" and mode != "eval":  # before a training-mode batch norm: zero up to round-off
-            assert a.abs().max() < 1e-4 * results[1][2].abs().max()
-            continue
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item() + 1e-7, msg=name)
     assert results[0][2][0].abs().max() == 0  # the member outside the slice gets no gradient
 

@@ -287,7 +287,41 @@ static int conv12_forward(const Train *T, long first, long n, float *z, double *
     return 0;
 }
 
-static int conv12_backward(const Train *T, long first, long n, const float *g, float *gw1, float *gw2) {
+/* ---- conv2's batch norm, ReLU, dropout and pool of step pairs, applied where it is read ----------
+ *
+ * z (n, L1, C): conv2's output, C = M*16 channels; per channel y = z * a + c (a = gamma / std, c =
+ * beta - mean * a). The pooled output h (n, L1/2, C) row t is the sum of relu(y) of rows 2t and
+ * 2t+1, kept where the mask bit (row r, channel ch) = bit (s*L1 + r)*C + ch of `words` is set
+ * (dropout's x2 and the pool's /2 cancel); words == NULL: no dropout, the pool's 1/2 is `scale`.
+ * h is never stored: conv3 makes its rows from z (forward and backward), and conv2's gradient
+ * gz = a * (gy - mean(gy) - xhat * mean(gy * xhat)) is made from z, the pooled gradient gh and the
+ * two means where conv12's backward reads it (gy: gh where y > 0 and kept; xhat = (z - mean) * istd).
+ */
+typedef struct {
+    const float *z, *a, *c, *mean, *istd;
+    const u64 *words;
+    float scale;
+    int L1, C;
+} Bn2;
+
+/* row t of h, channels ch .. ch+15, of sample s */
+static inline v16 bn2_h(const Bn2 *Q, long s, int t, int ch) {
+    const v16 a = load(Q->a + ch), c = load(Q->c + ch);
+    const long r0 = s * Q->L1 + 2 * t;
+    const v16 y0 = relu_kept(load(Q->z + r0 * Q->C + ch) * a + c, mask_bits(Q->words, r0 * Q->C + ch));
+    const v16 y1 = relu_kept(load(Q->z + (r0 + 1) * Q->C + ch) * a + c, mask_bits(Q->words, (r0 + 1) * Q->C + ch));
+    return Q->words ? y0 + y1 : (y0 + y1) * splat(Q->scale);
+}
+
+/* gy of z's row r (sample s, channels ch ..) with value zv, from the gradient ghv of h's row r / 2 */
+static inline v16 bn2_gy(const Bn2 *Q, long s, int r, int ch, v16 ghv, v16 zv) {
+    if (r >= 2 * (Q->L1 / 2)) return splat(0.f); /* an odd last step is pooled away */
+    const v16 y = zv * load(Q->a + ch) + load(Q->c + ch);
+    return grad_kept(Q->words ? ghv : ghv * splat(Q->scale), y, mask_bits(Q->words, (s * Q->L1 + r) * (long)Q->C + ch));
+}
+
+static int conv12_backward(const Train *T, const Bn2 *Q, const float *gh, const float *means, long first, long n,
+                           float *gw1, float *gw2, float *gb2) {
     const int L = T->L, half = L / 2, rows = half + 2 * P, Cout = T->M * C2, C = T->M * C1;
     float pl[(MAXL + TR) * MAXKC];
     float z1[(MAXL + TR) * C1] __attribute__((aligned(64)));
@@ -299,9 +333,21 @@ static int conv12_backward(const Train *T, long first, long n, const float *g, f
         const long row0 = (first + s) * L;
         for (int m = 0; m < T->M; ++m) {
             conv1_member(T, pl, Lc, row0, m, z1, xl);
-            const float *gs = g + s * half * Cout + m * C2;
+            { /* conv2's output gradient from z and h's gradient (see Bn2), and the bias gradient */
+                const int ch = m * C2;
+                const v16 a = load(Q->a + ch), mu = load(Q->mean + ch), is = load(Q->istd + ch);
+                const v16 m0 = load(means + ch), m1 = load(means + Cout + ch);
+                v16 gb = load(gb2 + ch);
+                for (int t = 0; t < half; ++t) {
+                    const v16 zv = load(Q->z + ((first + s) * half + t) * Cout + ch);
+                    const v16 gy = bn2_gy(Q, first + s, t, ch, load(gh + ((first + s) * (half / 2) + (t / 2 < half / 2 ? t / 2 : 0)) * Cout + ch), zv);
+                    const v16 gz = a * (gy - m0 - (zv - mu) * is * m1);
+                    store(gl + (t + K - 1) * C2, gz);
+                    gb += gz;
+                }
+                store(gb2 + ch, gb);
+            }
             for (int t = 0; t < K - 1; ++t) store(gl + t * C2, splat(0.f));
-            for (int t = 0; t < half; ++t) store(gl + (t + K - 1) * C2, load(gs + (long)t * Cout));
             for (int t = half + K - 1; t < rows + TG + K; ++t) store(gl + t * C2, splat(0.f));
             /* conv2's weight gradient: gw2[k*32 + ci] += sum_t xl[t + k][ci] g[t] */
             float *GW = gw2 + (long)m * K * C1 * C2;
@@ -366,91 +412,6 @@ static int conv12_backward(const Train *T, long first, long n, const float *g, f
     return 0;
 }
 
-/* ---- Training: conv2's batch norm, ReLU, dropout and pool of step pairs, fused --------------------
- *
- * z (n, L, C): conv2's output, C = M*16 channels; per channel a = gamma / std and c = beta -
- * mean * a (training-mode batch statistics), so y = z * a + c. Forward: out (n, L/2, C) = the
- * sum of each pair of steps of relu(y), kept where the mask bit (row r, channel ch) = bit
- * r*C + ch of `words` is set (dropout's x2 and the pool's /2 cancel); words == NULL: no
- * dropout, the pool's 1/2 is `scale`. Backward, for the gradient go of out: gy, the gradient of
- * y (go where y > 0 and kept), is made again from z; pass 1 sums gy and gy * xhat per channel
- * (xhat = (z - mean) / std), pass 2 writes batch norm's input gradient
- * gz = a * (gy - mean(gy) - xhat * mean(gy * xhat)), the means taken over all n*L rows.
- */
-typedef struct {
-    const float *z, *a, *c, *mean, *istd, *go;
-    const u64 *words;
-    int L, C;
-    float scale;
-} BnPool;
-
-/* gy of row t of sample s (global), channels ch .. ch+15 */
-static inline v16 bn_gy(const BnPool *B, long s, int t, int ch, v16 zv) {
-    const int half = B->L / 2;
-    if (t >= 2 * half) return splat(0.f); /* an odd last step is pooled away */
-    const v16 y = zv * load(B->a + ch) + load(B->c + ch);
-    const v16 go = load(B->go + (s * half + t / 2) * B->C + ch) * splat(B->words ? 1.f : B->scale);
-    return grad_kept(go, y, mask_bits(B->words, (s * B->L + t) * (long)B->C + ch));
-}
-
-static int bnpool_forward(const BnPool *B, long first, long n, float *out) {
-    const int L = B->L, C = B->C, half = L / 2;
-    for (long s = first; s < first + n; ++s)
-        for (int j = 0; j < half; ++j)
-            for (int ch = 0; ch < C; ch += 16) {
-                const v16 a = load(B->a + ch), c = load(B->c + ch);
-                const long r0 = s * L + 2 * j;
-                v16 y0 = relu_kept(load(B->z + r0 * C + ch) * a + c, mask_bits(B->words, r0 * C + ch));
-                v16 y1 = relu_kept(load(B->z + (r0 + 1) * C + ch) * a + c, mask_bits(B->words, (r0 + 1) * C + ch));
-                v16 o = y0 + y1;
-                if (!B->words) o *= splat(B->scale);
-                store(out + (s * half + j) * C + ch, o);
-            }
-    return 0;
-}
-
-static int bnpool_sums(const BnPool *B, long first, long n, float *sums /* (2, C) */) {
-    const int L = B->L, C = B->C;
-    for (long s = first; s < first + n; ++s)
-        for (int t = 0; t < L; ++t)
-            for (int ch = 0; ch < C; ch += 16) {
-                const v16 zv = load(B->z + (s * L + t) * C + ch);
-                const v16 gy = bn_gy(B, s, t, ch, zv);
-                const v16 xhat = (zv - load(B->mean + ch)) * load(B->istd + ch);
-                store(sums + ch, load(sums + ch) + gy);
-                store(sums + C + ch, load(sums + C + ch) + gy * xhat);
-            }
-    return 0;
-}
-
-static int bnpool_backward(const BnPool *B, long first, long n, const float *means /* (2, C) */, float *gz) {
-    const int L = B->L, C = B->C;
-    for (long s = first; s < first + n; ++s)
-        for (int t = 0; t < L; ++t)
-            for (int ch = 0; ch < C; ch += 16) {
-                const long r = (s * L + t) * C + ch;
-                const v16 zv = load(B->z + r);
-                const v16 gy = bn_gy(B, s, t, ch, zv);
-                const v16 xhat = (zv - load(B->mean + ch)) * load(B->istd + ch);
-                store(gz + r, load(B->a + ch) * (gy - load(means + ch) - xhat * load(means + C + ch)));
-            }
-    return 0;
-}
-
-/* ---- Training: the third convolution, then its batch norm, ReLU, dropout and pool (ceil mode) -----
- *
- * conv3 (16 -> 4 channels, kernel 5, replicate padding) reads bnpool's output h (n, L, M*16)
- * step-major, with w3 (M, 4, 16, K) as Conv1d stores it and b3 (M, 4), and writes y (n, M*4, L)
- * channel-major (Conv1d's layout), with per-channel partial sums and sums of squares of y in
- * float64. Forward lanes are output steps (h transposed per sample and member, as in inference);
- * backward lanes are input channels: for the gradient gy (n, M*4, L) of y, w3k (M, 4, K, 16)
- * (w3's last two axes swapped) -> gh (n, L, M*16) and gw3 in w3k's layout. The weight gradient
- * stays in registers over a member's samples (members outermost).
- * bnpool_w: y (n, CH, L) -> out (n, CH, ceil(L / W)) = the mean of each window of W steps (the
- * last may be shorter) of relu(y * a + c) kept where bit (s*CH + ch)*L + t of `words` is set,
- * times `keep` (dropout's 2, or 1 without a mask: words == NULL). Backward in two passes as
- * bnpool's, the statistics over all n*L values of a channel.
- */
 #define MAXL3 (MAXL / 4) /* longest input of conv3 */
 
 /* the first n (< 16) floats at p into lanes 0..n-1, the rest 0; and back */
@@ -483,19 +444,19 @@ static inline int mask_bits_at(const u64 *words, long e, int n) {
     return (int)w & lanes;
 }
 
-static int conv3_forward(const float *h, long n, int L, int M, const float *w3, const float *b3, float *y,
+static int conv3_forward(const Bn2 *Q, long first, long n, int M, const float *w3, const float *b3, float *y,
                          double *stats /* (2, M*4) */) {
-    const int C = M * C2, Lb = ((L + 15) / 16) * 16;
+    const int L = Q->L1 / 2;
     float ht[C2][MAXL3 + 2 * P + 16] __attribute__((aligned(64)));
     v16 acc_s[M * C3], acc_q[M * C3]; /* over this thread's samples, lanes = steps (masked to L) */
     for (int i = 0; i < M * C3; ++i) { acc_s[i] = splat(0.f); acc_q[i] = splat(0.f); }
     for (int c = 0; c < C2; ++c)
         for (int t = 0; t < MAXL3 + 2 * P + 16; ++t) ht[c][t] = 0.f;
-    for (long s = 0; s < n; ++s)
+    for (long s = first; s < first + n; ++s)
         for (int m = 0; m < M; ++m) {
-            const float *hs = h + s * L * C + m * C2;
             for (int t = 0; t < L; ++t) {
-                const float *row = hs + (long)t * C;
+                float row[16] __attribute__((aligned(64)));
+                store(row, bn2_h(Q, s, t, m * C2));
                 for (int c = 0; c < C2; ++c) ht[c][P + t] = row[c];
             }
             for (int c = 0; c < C2; ++c) {
@@ -515,7 +476,7 @@ static int conv3_forward(const float *h, long n, int L, int M, const float *w3, 
                         }
                     }
                 const int e = L - tb < 16 ? L - tb : 16;
-                const v16 live = (v16)((vi16)splat(1.f) & (vi16)load_n((const float[16]){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, e));
+                const v16 live = load_n((const float[16]){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, e);
                 for (int oc = 0; oc < C3; ++oc) {
                     const v16 a = a0[oc] + a1[oc];
                     store_n(y + ((s * M + m) * C3 + oc) * L + tb, a, e);
@@ -524,7 +485,6 @@ static int conv3_forward(const float *h, long n, int L, int M, const float *w3, 
                     acc_q[m * C3 + oc] += am * am;
                 }
             }
-            (void)Lb;
         }
     for (int i = 0; i < M * C3; ++i) {
         float fs[16], fq[16];
@@ -540,20 +500,21 @@ static int conv3_forward(const float *h, long n, int L, int M, const float *w3, 
 
 #define TJ 8 /* input-gradient rows per register block in conv3_backward */
 
-static int conv3_backward(const float *h, const float *gy, long n, int L, int M, const float *w3k, float *gh,
-                          float *gw /* (M, 4, K, 16) */) {
-    const int C = M * C2, rows = L + 2 * P, rows_c = ((rows + TJ - 1) / TJ) * TJ;
+/* also the first pass of conv2's batch-norm backward: sums (2, C) += (gy, gy * xhat) over z's rows */
+static int conv3_backward(const Bn2 *Q, const float *gy, long first, long n, int M, const float *w3k, float *gh,
+                          float *gw /* (M, 4, K, 16) */, float *sums) {
+    const int L = Q->L1 / 2, C = M * C2, rows = L + 2 * P, rows_c = ((rows + TJ - 1) / TJ) * TJ;
     v16 hp[MAXL3 + 2 * P];
     v16 gp[MAXL3 + 2 * P + TJ];
     float gz[C3][MAXL3 + 2 * P + TJ + K]; /* g of each output channel, K - 1 zeros before, zeros after */
     for (int oc = 0; oc < C3; ++oc)
         for (int t = 0; t < MAXL3 + 2 * P + TJ + K; ++t) gz[oc][t] = 0.f;
-    for (long s = 0; s < n; ++s) /* samples outermost: h, gy and gh stream through memory once */
+    for (long s = first; s < first + n; ++s) /* samples outermost: z, gy and gh stream through memory once */
         for (int m = 0; m < M; ++m) {
-            const float *hs = h + s * L * C + m * C2;
+            const int ch = m * C2;
             const float *Wm = w3k + (long)m * C3 * K * C2;
             float *Gm = gw + (long)m * C3 * K * C2; /* this thread's partial, in L1 for M <= 16 */
-            for (int t = 0; t < L; ++t) hp[P + t] = load(hs + (long)t * C);
+            for (int t = 0; t < L; ++t) hp[P + t] = bn2_h(Q, s, t, ch);
             for (int t = 0; t < P; ++t) { hp[t] = hp[P]; hp[P + L + t] = hp[P + L - 1]; }
             for (int oc = 0; oc < C3; ++oc) memcpy(&gz[oc][K - 1], gy + ((s * M + m) * C3 + oc) * L, sizeof(float) * L);
             /* weight gradient: G[oc][k] += g[oc][t] * hpad[t + k], one output channel at a time (5 registers) */
@@ -579,8 +540,19 @@ static int conv3_backward(const float *h, const float *gy, long n, int L, int M,
                 for (int u = 0; u < TJ; ++u) gp[j0 + u] = a[u];
             }
             for (int t = 0; t < P; ++t) { gp[P] += gp[t]; gp[P + L - 1] += gp[P + L + t]; } /* the padding's gradients */
-            float *ghs = gh + s * L * C + m * C2;
+            float *ghs = gh + s * L * C + ch;
             for (int t = 0; t < L; ++t) store(ghs + (long)t * C, gp[P + t]);
+            /* conv2's batch norm, pass 1 */
+            const v16 mu = load(Q->mean + ch), is = load(Q->istd + ch);
+            v16 s0 = splat(0.f), s1 = splat(0.f);
+            for (int r = 0; r < Q->L1; ++r) {
+                const v16 zv = load(Q->z + (s * Q->L1 + r) * C + ch);
+                const v16 g = bn2_gy(Q, s, r, ch, gp[P + (r / 2 < L ? r / 2 : L - 1)], zv);
+                s0 += g;
+                s1 += g * ((zv - mu) * is);
+            }
+            store(sums + ch, load(sums + ch) + s0);
+            store(sums + C + ch, load(sums + C + ch) + s1);
         }
     return 0;
 }
@@ -794,70 +766,42 @@ int msda_conv12_forward(const float *win, int KC, long first, long n, int L, int
                                      stats + (long)i * 2 * M * C2))
 }
 
-/* gw1 (KC, M*32) and gw2 (M, K, 32, 16): `threads` partial gradients each, one per part */
+/* conv2's batch norm (Bn2) as its arrays */
+#define BN2(z, a, c, mean, istd, words, scale, L1, C) {z, a, c, mean, istd, words, scale, L1, C}
+
+/* gw1 (KC, M*32), gw2 (M, K, 32, 16) and gb2 (M*16): `threads` partial gradients each, one per
+ * part; conv2's output gradient is made from z (n, L/2, M*16), its batch norm (a, c, mean, istd,
+ * mask words2 and scale2), the gradient gh (n, L/4, M*16) of its pooled output and means (2,
+ * M*16), the means of gy and gy * xhat over z's rows (see Bn2) */
 int msda_conv12_backward(const float *win, int KC, long first, long n, int L, int M, const float *wt1,
-                         const u64 *words, float scale, const float *w2t, const float *g, float *gw1, float *gw2,
-                         int threads) {
+                         const u64 *words, float scale, const float *w2t, const float *z, const float *a,
+                         const float *c, const float *mean, const float *istd, const u64 *words2, float scale2,
+                         const float *gh, const float *means, float *gw1, float *gw2, float *gb2, int threads) {
     if (check(KC, L)) return -1;
     const Train T = {win, wt1, NULL, NULL, w2t, words, KC, L, M, scale};
-    const long per_out = (long)(L / 2) * M * C2;
-    SPLIT(threads, n, conv12_backward(&T, first + lo, hi - lo, g + (first + lo) * per_out,
-                                      gw1 + (long)i * KC * M * C1, gw2 + (long)i * M * K * C1 * C2))
+    const Bn2 Q = BN2(z, a, c, mean, istd, words2, scale2, L / 2, M * C2);
+    SPLIT(threads, n, conv12_backward(&T, &Q, gh, means, first + lo, hi - lo, gw1 + (long)i * KC * M * C1,
+                                      gw2 + (long)i * M * K * C1 * C2, gb2 + (long)i * M * C2))
 }
 
-/* z, go, out, gz point at the batch's first sample; samples [first, first + n); C a multiple of 16 */
-int msda_bnpool_forward(const float *z, long first, long n, int L, int C, const float *a, const float *c,
-                        const u64 *words, float scale, float *out, int threads) {
-    if (C % 16 || L < 2) return -1;
-    const BnPool B = {z, a, c, NULL, NULL, NULL, words, L, C, scale};
-    SPLIT(threads, n, bnpool_forward(&B, first + lo, hi - lo, out))
+/* conv3 on conv2's pooled output, made from z (n, L1, M*16) and its batch norm (see Bn2);
+ * samples [first, first + n) of the batch; y (n, M*4, L1/2); stats: `threads` partials (2, M*4) */
+int msda_conv3_forward(const float *z, const float *a, const float *c, const u64 *words, float scale, int L1,
+                       long first, long n, int M, const float *w3, const float *b3, float *y, double *stats,
+                       int threads) {
+    if (L1 / 2 < 1 || L1 / 2 > MAXL3) return -1;
+    const Bn2 Q = BN2(z, a, c, NULL, NULL, words, scale, L1, M * C2);
+    SPLIT(threads, n, conv3_forward(&Q, first + lo, hi - lo, M, w3, b3, y, stats + (long)i * 2 * M * C3))
 }
 
-/* sums: `threads` partials (2, C) each, zeroed by the caller */
-int msda_bnpool_sums(const float *z, long first, long n, int L, int C, const float *a, const float *c,
-                     const float *mean, const float *istd, const u64 *words, float scale, const float *go,
-                     float *sums, int threads) {
-    if (C % 16 || L < 2) return -1;
-    const BnPool B = {z, a, c, mean, istd, go, words, L, C, scale};
-    SPLIT(threads, n, bnpool_sums(&B, first + lo, hi - lo, sums + (long)i * 2 * C))
-}
-
-int msda_bnpool_backward(const float *z, long first, long n, int L, int C, const float *a, const float *c,
-                         const float *mean, const float *istd, const u64 *words, float scale, const float *go,
-                         const float *means, float *gz, int threads) {
-    if (C % 16 || L < 2) return -1;
-    const BnPool B = {z, a, c, mean, istd, go, words, L, C, scale};
-    SPLIT(threads, n, bnpool_backward(&B, first + lo, hi - lo, means, gz))
-}
-
-/* members split over threads */
-int msda_bnrelu_forward(const float *y, long G, long B, int W, const float *gamma, const float *beta, float eps,
-                        float *mean, float *var, float *out, int threads) {
-    SPLIT(threads, G, bnrelu_forward(y, lo, hi - lo, B, W, gamma, beta, eps, mean, var, out))
-}
-
-int msda_bnrelu_backward(const float *y, const float *out, const float *go, long G, long B, int W,
-                         const float *gamma, const float *mean, const float *istd, float *gz, float *dgamma,
-                         float *dbeta, int threads) {
-    SPLIT(threads, G, bnrelu_backward(y, out, go, lo, hi - lo, B, W, gamma, mean, istd, gz, dgamma, dbeta))
-}
-
-/* samples [first, first + n) of the batch; h, y and gy point at the batch's first sample; stats:
- * `threads` partials (2, M*4), gw `threads` partials (M, 4, K, 16), zeroed by the caller */
-int msda_conv3_forward(const float *h, long first, long n, int L, int M, const float *w3, const float *b3, float *y,
-                       double *stats, int threads) {
-    if (L < 1 || L > MAXL3) return -1;
-    const long per_in = (long)L * M * C2, per_out = (long)M * C3 * L;
-    SPLIT(threads, n, conv3_forward(h + (first + lo) * per_in, hi - lo, L, M, w3, b3, y + (first + lo) * per_out,
-                                    stats + (long)i * 2 * M * C3))
-}
-
-int msda_conv3_backward(const float *h, const float *gy, long first, long n, int L, int M, const float *w3k, float *gh,
-                        float *gw, int threads) {
-    if (L < 1 || L > MAXL3) return -1;
-    const long per_in = (long)L * M * C2, per_out = (long)M * C3 * L;
-    SPLIT(threads, n, conv3_backward(h + (first + lo) * per_in, gy + (first + lo) * per_out, hi - lo, L, M, w3k,
-                                     gh + (first + lo) * per_in, gw + (long)i * M * C3 * K * C2))
+/* gh (n, L1/2, M*16), and `threads` partials of gw (M, 4, K, 16) and sums (2, M*16), zeroed */
+int msda_conv3_backward(const float *z, const float *a, const float *c, const float *mean, const float *istd,
+                        const u64 *words, float scale, int L1, const float *gy, long first, long n, int M,
+                        const float *w3k, float *gh, float *gw, float *sums, int threads) {
+    if (L1 / 2 < 1 || L1 / 2 > MAXL3) return -1;
+    const Bn2 Q = BN2(z, a, c, mean, istd, words, scale, L1, M * C2);
+    SPLIT(threads, n, conv3_backward(&Q, gy, first + lo, hi - lo, M, w3k, gh, gw + (long)i * M * C3 * K * C2,
+                                     sums + (long)i * 2 * M * C2))
 }
 
 /* y, go, out, gz point at the batch's first sample; samples [first, first + n) */
@@ -882,4 +826,16 @@ int msda_bnpoolw_backward(const float *y, long first, long n, int L, int CH, int
     if (L < 1 || W < 1) return -1;
     const BnPoolW B = {y, a, c, mean, istd, go, words, L, CH, W, keep};
     SPLIT(threads, n, bnpoolw_backward(&B, first + lo, hi - lo, means, gz))
+}
+
+/* members split over threads */
+int msda_bnrelu_forward(const float *y, long G, long B, int W, const float *gamma, const float *beta, float eps,
+                        float *mean, float *var, float *out, int threads) {
+    SPLIT(threads, G, bnrelu_forward(y, lo, hi - lo, B, W, gamma, beta, eps, mean, var, out))
+}
+
+int msda_bnrelu_backward(const float *y, const float *out, const float *go, long G, long B, int W,
+                         const float *gamma, const float *mean, const float *istd, float *gz, float *dgamma,
+                         float *dbeta, int threads) {
+    SPLIT(threads, G, bnrelu_backward(y, out, go, lo, hi - lo, B, W, gamma, mean, istd, gz, dgamma, dbeta))
 }

@@ -6,9 +6,10 @@ with every intermediate in L1 cache; PyTorch instead writes each stage of a whol
 memory and reads it back (measured on 2 cores: 2.1x for the stage alone, 1.7x for the whole
 predictor in benchmarks/predict.py). Training (``stacked.py``): conv1 -> ReLU -> dropout ->
 pool -> conv2 per sample and member, conv1's output never written to memory, and the backward
-pass through both; then conv2's batch norm, ReLU, dropout and pool (``conv12_*``, ``bnpool_*``);
-conv3 and its batch norm, ReLU, dropout and pool of 4 (``conv3_*``, ``bnpoolw_*``); and the dense
-layers' batch norm and ReLU in their (members, batch, width) layout (``bnrelu_*``).
+pass through both (``conv12_*``); conv2's batch norm, ReLU, dropout and pool applied where conv3
+reads them and conv3 (``conv3_*``, the pooled output never stored), conv3's batch norm, ReLU,
+dropout and pool of 4 (``bnpoolw_*``); and the dense layers' batch norm and ReLU in their
+(members, batch, width) layout (``bnrelu_*``).
 
 The source is compiled once per machine with the system's C compiler (``$CC``, else cc, gcc or
 clang; ``-O3 -march=native``, with ``-fopenmp`` where the compiler has it) into
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -109,17 +111,14 @@ def conv_stage_library() -> ctypes.CDLL | None:
                       stacklevel=2)
         return None
     train = [_P, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_float, _P]
-    bn = [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P]
     pw = [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P]
+    bn2 = [_P] * 5 + [_P, ctypes.c_float]  # z, a, c, mean, istd; the mask's words, the scale
     for name, args in (("msda_conv_stage", _ARGTYPES), ("msda_conv12_forward", train + [_P, _P, _P]),
-                       ("msda_conv12_backward", train + [_P, _P, _P]),
-                       ("msda_bnpool_forward", bn + [_P, ctypes.c_float, _P]),
-                       ("msda_bnpool_sums", bn + [_P, _P, _P, ctypes.c_float, _P, _P]),
-                       ("msda_bnpool_backward", bn + [_P, _P, _P, ctypes.c_float, _P, _P, _P]),
-                       ("msda_conv3_forward", [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P, _P,
-                                               _P]),
-                       ("msda_conv3_backward", [_P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, _P, _P,
-                                                _P]),
+                       ("msda_conv12_backward", train + bn2 + [_P] * 5),
+                       ("msda_conv3_forward", [_P, _P, _P, _P, ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_long,
+                                               ctypes.c_int, _P, _P, _P, _P]),
+                       ("msda_conv3_backward", bn2 + [ctypes.c_int, _P, ctypes.c_long, ctypes.c_long, ctypes.c_int, _P, _P,
+                                                      _P, _P]),
                        ("msda_bnpoolw_forward", pw + [_P, ctypes.c_float, _P]),
                        ("msda_bnpoolw_sums", pw + [_P, _P, _P, ctypes.c_float, _P, _P]),
                        ("msda_bnpoolw_backward", pw + [_P, _P, _P, ctypes.c_float, _P, _P, _P]),
@@ -235,93 +234,85 @@ def conv12_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, w
     return z, torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
 
 
+class BN2(NamedTuple):
+    """conv2's output z (B, L, M*16) and its batch norm, applied where it is read (the C kernels'
+    ``Bn2``): y = z * a + c per channel; ``mean``/``istd`` the batch statistics (for gradients);
+    ``words`` the dropout mask's bits after ReLU (element r * M*16 + ch), None for no dropout,
+    then the pool of step pairs takes ``scale`` (1/2)."""
+
+    z: torch.Tensor
+    a: torch.Tensor
+    c: torch.Tensor
+    mean: torch.Tensor | None
+    istd: torch.Tensor | None
+    words: torch.Tensor | None
+    scale: float
+
+    def args(self) -> tuple:
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        return (ptr(self.z), ptr(self.a), ptr(self.c), ptr(self.mean), ptr(self.istd), ptr(self.words), self.scale)
+
+
 def conv12_backward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, words: torch.Tensor | None,
-                    length: int, scale: float, w2: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight gradients of ``conv12_forward`` for the gradient g (B, L/2, M*16) of z: conv1's
-    (M*32, KC) and conv2's (M, 16, 32, K); conv2's bias gradient is g summed over samples and steps."""
-    patches, wt1, g = patches.contiguous(), wt1.contiguous(), g.contiguous()
+                    length: int, scale: float, w2: torch.Tensor, bn2: BN2, gh: torch.Tensor,
+                    means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weight gradients of ``conv12_forward``: conv1's (M*32, KC), conv2's (M, 16, 32, K) and its
+    bias's (M, 16). z's gradient is made per sample from ``bn2``, the gradient gh (B, L/4, M*16) of
+    the pooled output and ``means`` (2, M*16) of gy and gy * xhat (``conv3_backward``'s sums / rows):
+    batch norm's backward, pass 2, never stored."""
+    patches, wt1, gh, means = patches.contiguous(), wt1.contiguous(), gh.contiguous(), means.contiguous()
     kc, m = wt1.shape[0], w2.shape[0]
     n = patches.shape[0] // length
     w2t = w2.permute(0, 3, 1, 2).contiguous()  # (M, K, 16, 32)
     threads = _threads(n)
     gw1 = patches.new_zeros(threads, kc, m * FILTERS[0])
     gw2 = patches.new_zeros(threads, m, KERNEL, FILTERS[0], FILTERS[1])
+    gb2 = patches.new_zeros(threads, m * FILTERS[1])
     wp = words.data_ptr() if words is not None else None
     _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv12_backward(
-        patches.data_ptr(), kc, lo, hi - lo, length, m, wt1.data_ptr(), wp, scale, w2t.data_ptr(), g.data_ptr(),
-        gw1[part].data_ptr(), gw2[part].data_ptr(), threads),
+        patches.data_ptr(), kc, lo, hi - lo, length, m, wt1.data_ptr(), wp, scale, w2t.data_ptr(), *bn2.args(),
+        gh.data_ptr(), means.data_ptr(), gw1[part].data_ptr(), gw2[part].data_ptr(), gb2[part].data_ptr(), threads),
         f"window {kc}, length {length}, members {m}")
-    return gw1.sum(0).t(), gw2.sum(0).permute(0, 3, 2, 1)
-
-
-def bnpool_forward(lib: ctypes.CDLL, z: torch.Tensor, a: torch.Tensor, c: torch.Tensor, words: torch.Tensor | None,
-                   scale: float) -> torch.Tensor:
-    """Batch norm (as y = z * a + c per channel), ReLU, dropout and a pool of step pairs, in C:
-    z (B, L, C) -> (B, L/2, C); ``words`` the dropout mask's bits (element r * C + ch), None
-    for no dropout (then the pool's 1/2 is ``scale``)."""
-    z, a, c = z.contiguous(), a.contiguous(), c.contiguous()
-    n, length, ch = z.shape
-    out = z.new_empty(n, length // 2, ch)
-    wp = words.data_ptr() if words is not None else None
-    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_bnpool_forward(
-        z.data_ptr(), lo, hi - lo, length, ch, a.data_ptr(), c.data_ptr(), wp, scale, out.data_ptr(), threads),
-        f"length {length}, channels {ch}")
-    return out
-
-
-def bnpool_backward(lib: ctypes.CDLL, z: torch.Tensor, a: torch.Tensor, c: torch.Tensor, mean: torch.Tensor,
-                    istd: torch.Tensor, words: torch.Tensor | None, scale: float, go: torch.Tensor):
-    """Gradients of ``bnpool_forward`` (training-mode batch norm with batch mean and 1/std ``istd``)
-    for the output gradient go (B, L/2, C): z's (B, L, C), and the sums of gy and gy * xhat per
-    channel (the gradients of the batch norm's bias and weight)."""
-    z, go = z.contiguous(), go.contiguous()
-    n, length, ch = z.shape
-    wp = words.data_ptr() if words is not None else None
-    sums = z.new_zeros(_threads(n), 2, ch)
-    args = lambda lo, hi: (z.data_ptr(), lo, hi - lo, length, ch, a.data_ptr(), c.data_ptr(), mean.data_ptr(),  # noqa: E731
-                           istd.data_ptr(), wp, scale, go.data_ptr())
-    what = f"length {length}, channels {ch}"
-    _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_bnpool_sums(*args(lo, hi), sums[part].data_ptr(), threads), what)
-    total = sums.sum(0)
-    means = (total / (n * length)).contiguous()
-    gz = torch.empty_like(z)
-    _parallel(lib, n, lambda lo, hi, threads, _: lib.msda_bnpool_backward(*args(lo, hi), means.data_ptr(), gz.data_ptr(),
-                                                                        threads), what)
-    return gz, total[0], total[1]
+    return gw1.sum(0).t(), gw2.sum(0).permute(0, 3, 2, 1), gb2.sum(0).view(m, FILTERS[1])
 
 
 MAX_CONV3_LENGTH = MAX_LENGTH // 4  # longest input of conv3_* (_convstage.c's MAXL3)
 
 
-def conv3_forward(lib: ctypes.CDLL, h: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The third convolution of training in C: h (B, L, M*16) step-major (``bnpool_forward``'s
-    output), w3 (M, 4, 16, K) and b3 (M, 4) as Conv1d stores them -> y (B, M*4, L) channel-major,
+def conv3_forward(lib: ctypes.CDLL, bn2: BN2, w3: torch.Tensor, b3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The third convolution of training in C, on conv2's pooled output made from ``bn2`` (never
+    stored): w3 (M, 4, 16, K) and b3 (M, 4) as Conv1d stores them -> y (B, M*4, L/4) channel-major,
     and y's mean and (biased) variance per channel (2, M*4), accumulated in float64."""
-    h, w3, b3 = h.contiguous(), w3.contiguous(), b3.contiguous()
-    n, length, _ = h.shape
-    m = w3.shape[0]
-    y = h.new_empty(n, m * FILTERS[2], length)
-    sums = h.new_zeros(_threads(n), 2, m * FILTERS[2], dtype=torch.float64)
+    w3, b3 = w3.contiguous(), b3.contiguous()
+    n, length1, _ = bn2.z.shape
+    m, length = w3.shape[0], length1 // 2
+    y = bn2.z.new_empty(n, m * FILTERS[2], length)
+    sums = y.new_zeros(_threads(n), 2, m * FILTERS[2], dtype=torch.float64)
+    z, a, c, _, _, words, scale = bn2.args()
     _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv3_forward(
-        h.data_ptr(), lo, hi - lo, length, m, w3.data_ptr(), b3.data_ptr(), y.data_ptr(), sums[part].data_ptr(), threads),
-        f"length {length}, members {m}")
+        z, a, c, words, scale, length1, lo, hi - lo, m, w3.data_ptr(), b3.data_ptr(), y.data_ptr(), sums[part].data_ptr(),
+        threads), f"length {length}, members {m}")
     total = sums.sum(0) / (n * length)
     return y, torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
 
 
-def conv3_backward(lib: ctypes.CDLL, h: torch.Tensor, w3: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``conv3_forward`` for gy (B, M*4, L): h's (B, L, M*16) and w3's (M, 4, 16, K);
-    b3's is gy summed over samples and steps."""
-    h, gy = h.contiguous(), gy.contiguous()
-    n, length, _ = h.shape
+def conv3_backward(lib: ctypes.CDLL, bn2: BN2, w3: torch.Tensor,
+                   gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``conv3_forward`` for gy (B, M*4, L/4): that of conv2's pooled output gh
+    (B, L/4, M*16) and w3's (M, 4, 16, K) (b3's is gy summed over samples and steps); and the
+    first pass of conv2's batch-norm backward, the sums of gy and gy * xhat over z's rows (2, M*16)."""
+    gy = gy.contiguous()
+    n, length1, ch = bn2.z.shape
     m = w3.shape[0]
     w3k = w3.transpose(2, 3).contiguous()  # (M, 4, K, 16): a row of input-channel weights per (output, tap)
-    gh = torch.empty_like(h)
-    gw = h.new_zeros(_threads(n), *w3k.shape)
+    gh = bn2.z.new_empty(n, length1 // 2, ch)
+    threads = _threads(n)
+    gw = gh.new_zeros(threads, *w3k.shape)
+    sums = gh.new_zeros(threads, 2, ch)
     _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv3_backward(
-        h.data_ptr(), gy.data_ptr(), lo, hi - lo, length, m, w3k.data_ptr(), gh.data_ptr(), gw[part].data_ptr(), threads),
-        f"length {length}, members {m}")
-    return gh, gw.sum(0).transpose(2, 3)
+        *bn2.args(), length1, gy.data_ptr(), lo, hi - lo, m, w3k.data_ptr(), gh.data_ptr(), gw[part].data_ptr(),
+        sums[part].data_ptr(), threads), f"length {length1 // 2}, members {m}")
+    return gh, gw.sum(0).transpose(2, 3), sums.sum(0)
 
 
 def bnpoolw_forward(lib: ctypes.CDLL, y: torch.Tensor, a: torch.Tensor, c: torch.Tensor, words: torch.Tensor | None,

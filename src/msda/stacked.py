@@ -301,19 +301,8 @@ class _Conv(nn.Module):
         y = F.conv2d(x4, w4, self.bias[members].flatten(), groups=k)  # (B, k*c_out, 1, L)
         return self.after(y.squeeze(2).permute(0, 2, 1).reshape(b * length, -1), b, training, members)  # no copy
 
-    def after(self, y: torch.Tensor, batch: int, training: bool, members: slice, lib=None, stats=None) -> torch.Tensor:
-        """pool2(dropout(relu(bn(y)))) of the convolution's output y (B * L, k * c_out) -> (B, L / 2, k * c_out).
-
-        With ``lib`` and batch norm in training mode, in C (``_NativeBNPool``), from y's mean and
-        variance per channel (``stats``, float64)."""
-        bn = self.bn
-        if lib is not None and bn.training:
-            mean, var = stats.to(y.dtype)
-            n = y.shape[0]
-            bn.track(mean, var, n, members)
-            istd = torch.rsqrt(var + _BN_EPS)
-            return _NativeBNPool.apply(y.view(batch, n // batch, -1), bn.weight[members].reshape(-1),
-                                       bn.bias[members].reshape(-1), mean, istd, training, lib)
+    def after(self, y: torch.Tensor, batch: int, training: bool, members: slice) -> torch.Tensor:
+        """pool2(dropout(relu(bn(y)))) of the convolution's output y (B * L, k * c_out) -> (B, L / 2, k * c_out)."""
         y = self.bn(y, members).view(batch, y.shape[0] // batch, -1)
         return _ReluDropoutPool2.apply(y, training, 1)
 
@@ -339,74 +328,54 @@ class _NativeBNReLU(torch.autograd.Function):
         return gz, d_gamma, d_beta, None
 
 
-class _NativeConv12(torch.autograd.Function):
-    """The first two convolutions in C (``native.conv12_forward``), up to conv2's batch norm.
+class _NativeConvStage(torch.autograd.Function):
+    """The three convolutions of training in C, up to conv3's batch norm (``native.py``):
+
+    - conv1 -> ReLU -> dropout -> pool -> conv2 (``conv12_*``), conv1's output (the largest
+      activation) only in cache, made again in the backward pass from the windows and the
+      dropout mask's random words;
+    - conv2's training-mode batch norm, ReLU, dropout and pool, applied where conv3 reads them
+      (``conv3_*``): the pooled output is never stored; conv2's batch-norm backward is one pass
+      inside conv3's backward (the sums) and one inside conv12's (the gradient of z).
 
     patches (B * L, KC) and the folded first-layer weights ``fused`` (k*32, KC) as
-    ``_LinearReluDropoutPool2`` takes them; conv2's weight (k, 16, 32, K) and bias (k, 16) ->
-    conv2's output (B * L/2, k*16) and its mean and variance per channel (float64, no gradient:
-    batch norm's backward accounts for them). conv1's output, the largest activation, exists only in
-    cache, per sample and member; the backward pass makes it again from the windows and the
-    dropout mask's random words.
+    ``_LinearReluDropoutPool2`` takes them; conv2's weight (k, 16, 32, K), bias (k, 16) and batch
+    norm ``bn2`` (its weight and bias ``gamma2``/``beta2`` (k*16) of these members; its running statistics
+    move); conv3's weight (k, 4, 16, K) and bias (k, 4) -> conv3's output y (B, k*4, L/4) and its
+    mean and variance per channel (float64, no gradient: the next batch norm's backward accounts
+    for them).
     """
 
     @staticmethod
-    def forward(ctx, patches, fused, weight, bias, length: int, training: bool, lib) -> torch.Tensor:
+    def forward(ctx, patches, fused, w2, b2, gamma2, beta2, w3, b3, length: int, training: bool, bn2, members, lib):
         wt1 = fused.t().contiguous()
+        n = patches.shape[0] // length
         words = _coin_words(patches.shape[0] * wt1.shape[1], patches.device) if training else None
-        ctx.save_for_backward(patches, wt1, words, weight)
-        ctx.length, ctx.training, ctx.lib = length, training, lib
-        z, stats = native.conv12_forward(lib, patches, wt1, words, length, 1.0 if training else 0.5, weight, bias)
-        ctx.mark_non_differentiable(stats)
-        return z.view(-1, z.shape[2]), stats
+        scale = 1.0 if training else 0.5
+        z, stats = native.conv12_forward(lib, patches, wt1, words, length, scale, w2, b2)
+        mean, var = stats.to(z.dtype)
+        bn2.track(mean, var, n * (length // 2), members)
+        istd = torch.rsqrt(var + _BN_EPS)
+        a = (gamma2 * istd).contiguous()
+        c = (beta2 - mean * a).contiguous()
+        words2 = _coin_words(z.numel(), z.device) if training else None
+        q = native.BN2(z, a, c, mean.contiguous(), istd.contiguous(), words2, scale)
+        y, y_stats = native.conv3_forward(lib, q, w3, b3)
+        ctx.save_for_backward(patches, wt1, words, w2, w3, z, a, c, q.mean, q.istd, words2)
+        ctx.length, ctx.scale, ctx.lib = length, scale, lib
+        ctx.mark_non_differentiable(y_stats)
+        return y, y_stats
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _):
-        patches, wt1, words, weight = ctx.saved_tensors
-        n = patches.shape[0] // ctx.length
-        g1, g2 = native.conv12_backward(ctx.lib, patches, wt1, words, ctx.length, 1.0 if ctx.training else 0.5,
-                                        weight, grad.view(n, -1, grad.shape[1]))
-        return None, g1, g2, grad.sum(0).view(weight.shape[0], -1), None, None, None
-
-
-class _NativeBNPool(torch.autograd.Function):
-    """Training-mode batch norm (batch ``mean`` and 1/std ``istd`` given), ReLU, dropout and a pool
-    of step pairs, in C (``native.bnpool_forward``): z (B, L, C) -> (B, L / 2, C). The backward
-    pass makes the normalised values again from z (two passes) instead of storing them."""
-
-    @staticmethod
-    def forward(ctx, z, gamma, beta, mean, istd, dropout: bool, lib) -> torch.Tensor:
-        a = gamma * istd
-        c = beta - mean * a
-        words = _coin_words(z.numel(), z.device) if dropout else None
-        ctx.save_for_backward(z, a, c, mean, istd, words)
-        ctx.lib, ctx.scale = lib, 1.0 if dropout else 0.5
-        return native.bnpool_forward(lib, z, a, c, words, ctx.scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        z, a, c, mean, istd, words = ctx.saved_tensors
-        gz, d_beta, d_gamma = native.bnpool_backward(ctx.lib, z, a, c, mean, istd, words, ctx.scale, grad)
-        return gz, d_gamma, d_beta, None, None, None, None
-
-
-class _NativeConv3(torch.autograd.Function):
-    """The third convolution in C (``native.conv3_forward``): h (B, L, k*16) step-major -> y
-    (B, k*4, L) channel-major, and y's mean and variance per channel (float64, no gradient)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, lib):
-        y, stats = native.conv3_forward(lib, h, weight, bias)
-        ctx.save_for_backward(h, weight)
-        ctx.lib = lib
-        ctx.mark_non_differentiable(stats)
-        return y, stats
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _):
-        h, weight = ctx.saved_tensors
-        gh, gw = native.conv3_backward(ctx.lib, h, weight, grad)
-        return gh, gw, grad.sum((0, 2)).view_as(weight[:, :, 0, 0]), None
+        patches, wt1, words, w2, w3, z, a, c, mean, istd, words2 = ctx.saved_tensors
+        q = native.BN2(z, a, c, mean, istd, words2, ctx.scale)
+        gh, g3, sums = native.conv3_backward(ctx.lib, q, w3, grad)
+        rows = z.shape[0] * z.shape[1]
+        g1, g2, gb2 = native.conv12_backward(ctx.lib, patches, wt1, words, ctx.length, ctx.scale, w2, q, gh, sums / rows)
+        # batch norm's parameters: sum(gy * xhat) and sum(gy), per channel
+        return (None, g1, g2, gb2, sums[1], sums[0], g3,
+                grad.sum((0, 2)).view_as(w3[:, :, 0, 0]), None, None, None, None, None)
 
 
 class _NativeBNPoolW(torch.autograd.Function):
@@ -438,20 +407,9 @@ class _ToeplitzConv(_Conv):
     matrix (replicate padding included) runs as one batched matrix product over the members.
     """
 
-    def forward(self, x: torch.Tensor, training: bool, members: slice, lib=None) -> torch.Tensor:
-        """x: (B, L, k * c_in) -> pool(dropout(relu(bn(conv(x))))) as (B, k * c_out, L') (channels first).
-
-        With ``lib``, in C (``_NativeConv3``, and ``_NativeBNPoolW`` when batch norm is in training mode)."""
+    def forward(self, x: torch.Tensor, training: bool, members: slice) -> torch.Tensor:
+        """x: (B, L, k * c_in) -> pool(dropout(relu(bn(conv(x))))) as (B, k * c_out, L') (channels first)."""
         b, length, _ = x.shape
-        if lib is not None and 1 <= length <= native.MAX_CONV3_LENGTH:
-            y, stats = _NativeConv3.apply(x, self.weight[members], self.bias[members], lib)
-            bn = self.bn
-            if not bn.training:
-                return _avg_pool(_dropout(F.relu(bn(y, members)), training), self.pool, ceil=True)
-            mean, var = stats.to(y.dtype)
-            bn.track(mean, var, b * length, members)
-            return _NativeBNPoolW.apply(y, bn.weight[members].reshape(-1), bn.bias[members].reshape(-1), mean,
-                                        torch.rsqrt(var + _BN_EPS), training, self.pool, lib)
         w = self.weight[members]  # (k, c_out, c_in, K)
         k, c_out, c_in, _ = w.shape
         taps = _replicate_taps(length, x.device, x.dtype)  # (K, L_out, L_in)
@@ -460,6 +418,15 @@ class _ToeplitzConv(_Conv):
         y = torch.baddbmm(self.bias[members].repeat_interleave(length, dim=1).unsqueeze(1), xs, band)
         y = y.view(k, b, c_out, length).transpose(0, 1).reshape(b, k * c_out, length)
         return _avg_pool(_dropout(F.relu(self.bn(y, members)), training), self.pool, ceil=True)
+
+    def pooled(self, y: torch.Tensor, stats: torch.Tensor, training: bool, members: slice, lib) -> torch.Tensor:
+        """pool(dropout(relu(bn(y)))) of the convolution's output y (B, k * c_out, L) in C, from y's
+        mean and variance per channel (``stats``, float64); batch norm in training mode."""
+        mean, var = stats.to(y.dtype)
+        bn = self.bn
+        bn.track(mean, var, y.shape[0] * y.shape[2], members)
+        return _NativeBNPoolW.apply(y, bn.weight[members].reshape(-1), bn.bias[members].reshape(-1), mean,
+                                    torch.rsqrt(var + _BN_EPS), training, self.pool, lib)
 
 
 def _dense_columns(n_in: int, k: int, width: int, slot: int) -> torch.Tensor:
@@ -752,8 +719,11 @@ class StackedEnsemble(nn.Module):
         series = x[:, self.n_scalars :].reshape(b, self.n_series, self.length)
         patches, stats = _SharedConv.patches(series, self.training)
         lib = self._library(patches)
-        chunks = [slice(0, m)] if lib is not None else self._member_chunks(b)  # C keeps conv1's output in cache
-        conv = torch.cat([self._conv_stage(patches, stats, training, part, lib) for part in chunks], dim=1)
+        c_conv = (lib is not None and self.conv2.bn.training and self.conv3.bn.training
+                  and 1 <= self.length // 4 <= native.MAX_CONV3_LENGTH)
+        chunks = [slice(0, m)] if c_conv else self._member_chunks(b)  # C keeps conv1's output in cache
+        conv = torch.cat([self._conv_stage(patches, stats, training, part, lib if c_conv else None)
+                          for part in chunks], dim=1)
         shared = torch.cat((scalars, series.mean(dim=2)), dim=1)
         base = torch.cat((shared.unsqueeze(1).expand(b, m, shared.shape[1]), conv), dim=2)
         base = self.norm(base.reshape(b, -1)).view(b, m, self.n_in).transpose(0, 1)  # (m, B, n_in)
@@ -788,14 +758,18 @@ class StackedEnsemble(nn.Module):
         return lib
 
     def _conv_stage(self, patches: torch.Tensor, stats, training: bool, part: slice, lib=None) -> torch.Tensor:
-        """Temporal features of the members in ``part``: (B, k, 4 * L3), channel-major per member."""
+        """Temporal features of the members in ``part``: (B, k, 4 * L3), channel-major per member;
+        with ``lib``, in C (training mode: the batch norms use batch statistics)."""
         if lib is not None:
-            z, z_stats = _NativeConv12.apply(patches, self.conv1.fused(stats, part), self.conv2.weight[part],
-                                             self.conv2.bias[part], self.length, training, lib)
-            h = self.conv2.after(z, patches.shape[0] // self.length, training, part, lib, z_stats)
+            c2, c3 = self.conv2, self.conv3
+            y, y_stats = _NativeConvStage.apply(patches, self.conv1.fused(stats, part), c2.weight[part], c2.bias[part],
+                                                c2.bn.weight[part].reshape(-1), c2.bn.bias[part].reshape(-1),
+                                                c3.weight[part], c3.bias[part],
+                                                self.length, training, c2.bn, part, lib)
+            h = c3.pooled(y, y_stats, training, part, lib)
         else:
             h = self.conv2(self.conv1(patches, stats, training, part, self.length), training, part)
-        h = self.conv3(h, training, part, lib)
+            h = self.conv3(h, training, part)
         return h.reshape(h.shape[0], part.stop - part.start, -1)
 
     # ----- conversion ------------------------------------------------------------------------
