@@ -864,16 +864,43 @@ def member_cost(spec: MemberSpec, n_in: int = 30) -> int:
 
 
 def split_members(specs: list[MemberSpec], parts: int) -> list[list[int]]:
-    """Member indices in ``parts`` groups of about equal cost (greedy: largest first, to the
-    lightest group), each sorted; deterministic. (Cutting the members in dense-group order
-    instead, so that each part holds fewer groups, measured no faster.)"""
+    """Member indices in ``parts`` groups of about equal cost, each sorted; deterministic.
+
+    Greedy (largest first, to the lightest group), then single moves and pairwise swaps out of
+    the heaviest group while they lower it (the greedy split of the default 25 members left one
+    part 5 % heavier, and the parts wait for the slower one). (Cutting the members in
+    dense-group order instead, so that each part holds fewer groups, measured no faster.)"""
     parts = max(1, min(parts, len(specs)))
+    cost = [member_cost(s) for s in specs]
     groups: list[list[int]] = [[] for _ in range(parts)]
     load = [0] * parts
-    for i in sorted(range(len(specs)), key=lambda i: (-member_cost(specs[i]), i)):
+    for i in sorted(range(len(specs)), key=lambda i: (-cost[i], i)):
         g = load.index(min(load))
         groups[g].append(i)
-        load[g] += member_cost(specs[i])
+        load[g] += cost[i]
+    improved = parts > 1
+    while improved:
+        improved = False
+        h = load.index(max(load))
+        best = (load[h], None)  # the heavier of the two groups after a change: lower is better
+        for o in range(parts):
+            if o == h:
+                continue
+            for i in groups[h]:
+                for j in [None] + groups[o]:
+                    d = cost[i] - (cost[j] if j is not None else 0)
+                    if 0 < d and max(load[h] - d, load[o] + d) < best[0]:
+                        best = (max(load[h] - d, load[o] + d), (o, i, j, d))
+        if best[1] is not None:
+            o, i, j, d = best[1]
+            groups[h].remove(i)
+            groups[o].append(i)
+            if j is not None:
+                groups[o].remove(j)
+                groups[h].append(j)
+            load[h] -= d
+            load[o] += d
+            improved = True
     return [sorted(g) for g in groups]
 
 
