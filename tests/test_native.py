@@ -310,6 +310,9 @@ def test_dense_blocks_function_equals_autograd():
         results.append(([x.detach(), hi.grad] + [p.grad for p in params], stats))
     (a, sa), (r, sr) = results
     for i, (u, v) in enumerate(zip(a, r)):
+        if i >= 2 and (i - 2) % 12 in (1, 3, 5):  # a layer's bias before batch norm: zero up to round-off
+            assert max(u.abs().max(), v.abs().max()) < 1e-4 * r[i - 1].abs().max(), i
+            continue
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4 * v.abs().max().item() + 1e-6, msg=f"tensor {i}")
     for u, v in zip(sa, sr):
         torch.testing.assert_close(u, v)

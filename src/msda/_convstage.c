@@ -653,7 +653,7 @@ static int bnpoolw_backward(const BnPoolW *B, long first, long n, const float *m
  * channels innermost in (B, G*W) rows, which cost a transposed copy each way per layer.
  * Backward, for the gradient go of out: gy = go where out > 0; pass 1 sums gy and gy * xhat per
  * channel (the gradients of beta and gamma), pass 2 writes gz = gamma / std * (gy - mean(gy) -
- * xhat * mean(gy * xhat)).
+ * xhat * mean(gy * xhat)) and, if dbias is not NULL, its sum over the batch.
  */
 #define MAXW 128
 
@@ -689,7 +689,7 @@ static int bnrelu_forward(const float *y, long g0, long G, long B, int W, const 
 
 static int bnrelu_backward(const float *y, const float *out, const float *go, long g0, long G, long B, int W,
                            const float *gamma, const float *mean, const float *istd, float *gz, float *dgamma,
-                           float *dbeta) {
+                           float *dbeta, float *dbias) {
     if (W % 16 || W > MAXW) return -1;
     const int V = W / 16;
     const vi16 zero = {0};
@@ -712,13 +712,19 @@ static int bnrelu_backward(const float *y, const float *out, const float *go, lo
             m0[v] = sg[v] * splat(1.f / (float)B);
             m1[v] = sx[v] * splat(1.f / (float)B);
         }
+        v16 sz[MAXW / 16];
+        for (int v = 0; v < V; ++v) sz[v] = splat(0.f);
         for (long b = 0; b < B; ++b)
             for (int v = 0; v < V; ++v) {
                 const long e = off + b * W + v * 16;
                 const v16 gy = (v16)((vi16)load(go + e) & ((vi16)load(out + e) > zero));
                 const v16 xhat = (load(y + e) - load(mean + g * W + v * 16)) * load(istd + g * W + v * 16);
-                store(gz + e, k[v] * (gy - m0[v] - xhat * m1[v]));
+                const v16 gzv = k[v] * (gy - m0[v] - xhat * m1[v]);
+                store(gz + e, gzv);
+                sz[v] += gzv;
             }
+        if (dbias) /* the gradient of a bias before the batch norm: gz summed over the batch (round-off) */
+            for (int v = 0; v < V; ++v) store(dbias + g * W + v * 16, sz[v]);
     }
     return 0;
 }
@@ -836,6 +842,6 @@ int msda_bnrelu_forward(const float *y, long G, long B, int W, const float *gamm
 
 int msda_bnrelu_backward(const float *y, const float *out, const float *go, long G, long B, int W,
                          const float *gamma, const float *mean, const float *istd, float *gz, float *dgamma,
-                         float *dbeta, int threads) {
-    SPLIT(threads, G, bnrelu_backward(y, out, go, lo, hi - lo, B, W, gamma, mean, istd, gz, dgamma, dbeta))
+                         float *dbeta, float *dbias, int threads) {
+    SPLIT(threads, G, bnrelu_backward(y, out, go, lo, hi - lo, B, W, gamma, mean, istd, gz, dgamma, dbeta, dbias))
 }

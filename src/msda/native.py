@@ -125,7 +125,7 @@ def conv_stage_library() -> ctypes.CDLL | None:
                        ("msda_bnrelu_forward", [_P, ctypes.c_long, ctypes.c_long, ctypes.c_int, _P, _P, ctypes.c_float,
                                                 _P, _P, _P]),
                        ("msda_bnrelu_backward", [_P, _P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_int, _P, _P, _P,
-                                                 _P, _P, _P])):
+                                                 _P, _P, _P, _P])):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args + [ctypes.c_int], ctypes.c_int  # the last: threads
     lib.msda_openmp.restype = ctypes.c_int
@@ -372,15 +372,17 @@ def bnrelu_forward(lib: ctypes.CDLL, y: torch.Tensor, gamma: torch.Tensor, beta:
 
 
 def bnrelu_backward(lib: ctypes.CDLL, y: torch.Tensor, out: torch.Tensor, go: torch.Tensor, gamma: torch.Tensor,
-                    mean: torch.Tensor, istd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``bnrelu_forward`` for go (G, B, W): y's, gamma's and beta's (G, W)."""
+                    mean: torch.Tensor, istd: torch.Tensor, bias_grad: bool = False):
+    """Gradients of ``bnrelu_forward`` for go (G, B, W): y's, gamma's and beta's (G, W), and with
+    ``bias_grad`` that of a bias added before the batch norm (y's gradient summed over the batch)."""
     go = go.contiguous()
     g, b, w = y.shape
     gz = torch.empty_like(y)
     d_gamma, d_beta = y.new_empty(g, w), y.new_empty(g, w)
+    d_bias = y.new_empty(g, w) if bias_grad else None
     rc = lib.msda_bnrelu_backward(y.data_ptr(), out.data_ptr(), go.data_ptr(), g, b, w, gamma.contiguous().data_ptr(),
                                   mean.data_ptr(), istd.data_ptr(), gz.data_ptr(), d_gamma.data_ptr(), d_beta.data_ptr(),
-                                  max(1, min(torch.get_num_threads(), g)))
+                                  None if d_bias is None else d_bias.data_ptr(), max(1, min(torch.get_num_threads(), g)))
     if rc:
         raise RuntimeError(f"the C kernel refused width {w}")
-    return gz, d_gamma, d_beta
+    return (gz, d_gamma, d_beta, d_bias) if bias_grad else (gz, d_gamma, d_beta)

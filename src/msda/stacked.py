@@ -647,10 +647,10 @@ class _DenseBlocks(torch.autograd.Function):
             for j in (2, 1, 0):
                 y, out, mean, istd = ctx.layers[k][j]
                 gamma = ws[6 + 2 * j]
-                gz, d_gamma, d_beta = native.bnrelu_backward(lib, y, out, go, gamma, mean, istd)
+                gz, d_gamma, d_beta, d_bias = native.bnrelu_backward(lib, y, out, go, gamma, mean, istd, bias_grad=True)
                 inp = ctx.layers[k][j - 1][1] if j else x[a:, :, start:]
                 grads[12 * k + 2 * j] = torch.bmm(gz.transpose(1, 2), inp)
-                grads[12 * k + 2 * j + 1] = gz.sum(1)
+                grads[12 * k + 2 * j + 1] = d_bias
                 grads[12 * k + 6 + 2 * j], grads[12 * k + 7 + 2 * j] = d_gamma, d_beta
                 if j:
                     go = torch.bmm(gz, ws[2 * j])
