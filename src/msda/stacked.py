@@ -557,10 +557,10 @@ class _WidthGroup(nn.Module):
         With ``lib`` (training on CPU), the blocks run as one autograd function (``_DenseBlocks``)
         with their batch norms and ReLUs in C."""
         if lib is not None and self.training and self.width % 16 == 0 and self.width <= native.MAX_DENSE_WIDTH:
-            z = _DenseBlocks.apply(h, self, lib, *self.block_parameters())
+            f = _DenseBlocks.apply(h, self, lib, self.fc.weight, self.fc.bias, *self.block_parameters())
         else:
-            z = self._blocks(h, lib)
-        f = F.relu(self.fc(z))
+            f = self.fc(self._blocks(h, lib))
+        f = F.relu(f)
         g, b, c = f.shape
         f = self.fc_bn(f.transpose(0, 1).reshape(b, g * c)).view(b, g, c).transpose(0, 1)
         y = self.out(f).squeeze(2)
@@ -588,19 +588,22 @@ class _WidthGroup(nn.Module):
 
 
 class _DenseBlocks(torch.autograd.Function):
-    """The dense blocks of a ``_WidthGroup`` in training mode on CPU, forward and backward written
-    out: h (g, B, n_in) -> X (g, B, max_in), the bottleneck's inputs [h_D .. h_1, base] of every
-    member, right-aligned and zero in front (as ``_WidthGroup._blocks``).
+    """The dense blocks and the bottleneck's linear layer of a ``_WidthGroup`` in training mode on
+    CPU, forward and backward written out: h (g, B, n_in) -> the bottleneck's pre-activations
+    (g, B, 32) (``fc(_WidthGroup._blocks(h))``).
 
-    Block k of the members deeper than k (the last g_k of the group, depths ascending) reads the
-    columns of X from its start to the end and writes its output just before them, so X is the
-    DenseNet concatenation without any concatenation, split or padding; the backward pass adds
-    the input gradients of each block into the matching columns of one gradient buffer. Batch
-    norm and ReLU run in C (``native.bnrelu_*``). One autograd node instead of ~15 per block.
+    The blocks write into one buffer X (g, B, max_in), the bottleneck's inputs [h_D .. h_1, base]
+    of every member, right-aligned: block k of the members deeper than k (the last g_k of the
+    group, depths ascending) reads the columns of X from its start to the end and writes its
+    output just before them, so X is the DenseNet concatenation without any concatenation, split
+    or padding. The bottleneck reads, for each run of members of one depth, only that depth's
+    columns (not the zero padding in front). The backward pass adds the input gradients of each
+    block into the matching columns of one gradient buffer. Batch norm and ReLU run in C
+    (``native.bnrelu_*``). One autograd node instead of ~15 per block.
     """
 
     @staticmethod
-    def forward(ctx, h, group, lib, *params):
+    def forward(ctx, h, group, lib, fc_w, fc_b, *params):
         g, b, n_in = h.shape
         w, max_in = group.width, group.max_in
         x = h.new_zeros(g, b, max_in)
@@ -619,9 +622,26 @@ class _DenseBlocks(torch.autograd.Function):
             x[a:, :, start - w : start] = inp
             saved.append(layer)
         _DenseBlocks._track(group, stats, b)
-        ctx.save_for_backward(x, *params)
-        ctx.layers, ctx.width, ctx.n_in, ctx.lib = saved, w, n_in, lib
-        return x
+        out = h.new_empty(g, b, fc_w.shape[1])
+        for j0, j1, start in _DenseBlocks._runs(group, n_in):
+            torch.baddbmm(fc_b[j0:j1].unsqueeze(1), x[j0:j1, :, start:], fc_w[j0:j1, :, start:].transpose(1, 2),
+                          out=out[j0:j1])
+        ctx.save_for_backward(x, fc_w, *params)
+        ctx.layers, ctx.group, ctx.n_in, ctx.lib = saved, group, n_in, lib
+        return out
+
+    @staticmethod
+    def _runs(group, n_in: int) -> list[tuple[int, int, int]]:
+        """(first member, end, first column of X) of each run of members of one depth."""
+        runs, j = [], 0
+        depths = group.depths
+        while j < len(depths):
+            e = j
+            while e < len(depths) and depths[e] == depths[j]:
+                e += 1
+            runs.append((j, e, group.max_in - n_in - depths[j] * group.width))
+            j = e
+        return runs
 
     @staticmethod
     @torch.no_grad()
@@ -634,11 +654,17 @@ class _DenseBlocks(torch.autograd.Function):
         torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
 
     @staticmethod
-    def backward(ctx, grad_x):
-        x, *params = ctx.saved_tensors
-        w, n_in, lib = ctx.width, ctx.n_in, ctx.lib
+    def backward(ctx, grad_out):
+        x, fc_w, *params = ctx.saved_tensors
+        w, n_in, lib = ctx.group.width, ctx.n_in, ctx.lib
         g, _, max_in = x.shape
-        gx = grad_x.clone()  # the input gradients of the blocks are added into it
+        grad_out = grad_out.contiguous()
+        gx = torch.zeros_like(x)  # the input gradients of the bottleneck and of the blocks are added into it
+        g_fc = torch.zeros_like(fc_w)
+        for j0, j1, start in _DenseBlocks._runs(ctx.group, n_in):
+            go = grad_out[j0:j1]
+            g_fc[j0:j1, :, start:] = torch.bmm(go.transpose(1, 2), x[j0:j1, :, start:])
+            gx[j0:j1, :, start:].baddbmm_(go, fc_w[j0:j1, :, start:])
         grads: list[torch.Tensor | None] = [None] * len(params)
         for k in reversed(range(len(ctx.layers))):
             ws = params[12 * k : 12 * k + 12]
@@ -656,7 +682,7 @@ class _DenseBlocks(torch.autograd.Function):
                     go = torch.bmm(gz, ws[2 * j])
                 else:
                     gx[a:, :, start:].baddbmm_(gz, ws[0])
-        return (gx[:, :, max_in - n_in :], None, None, *grads)
+        return (gx[:, :, max_in - n_in :], None, None, g_fc, grad_out.sum(1), *grads)
 
 
 class StackedEnsemble(nn.Module):
