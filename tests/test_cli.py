@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from msda.cli import app
 from msda.tables import write_samples
-from msda.weights import save_authors, save_ensemble
+from msda.weights import save_authors
 
 runner = CliRunner()
 COMMANDS = [[], ["predict"], ["pretrain"], ["adapt"], ["simulate"], ["validate"], ["convert"], ["demo"], ["map"], ["scene"], ["experiment"], ["report"], ["prepare"], ["prepare", "ismn"], ["prepare", "smap"], ["prepare", "static"], ["prepare", "series"], ["prepare", "gee"], ["prepare", "samples"], ["weights"], ["weights", "info"],

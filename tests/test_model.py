@@ -8,7 +8,6 @@ from msda.model import DenseSM, DenseSME, MemberSpec, default_members, pooled_le
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema
 from msda.weights import load_ensemble, read_manifest, save_authors, save_ensemble
 
-from conftest import randomise_batchnorm
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -69,9 +68,16 @@ def test_seed_makes_identical_ensembles():
 def test_series_mean_is_an_input():
     """Shifting a whole series shifts its mean, which reaches the dense part (not only the conv)."""
     m = DenseSM(1, 8).eval()
-    x = torch.full((1, 153), 0.5)
-    h_before = torch.cat((x[:, :15], x[:, 15:].reshape(1, 3, 46).mean(2)), 1)
-    assert h_before.shape == (1, 18)
+    with torch.no_grad():  # the conv features no longer depend on the series
+        m.conv_block.conv3.weight.zero_()
+        m.conv_block.conv3.bias.zero_()
+    x = torch.rand(4, 153, generator=torch.Generator().manual_seed(0))
+    shifted = x.clone()
+    shifted[:, 15:61] += 0.3  # the whole first series
+    with torch.no_grad():
+        conv = m.conv_block(x[:, 15:].reshape(4, 3, 46))
+        torch.testing.assert_close(m.conv_block(shifted[:, 15:].reshape(4, 3, 46)), conv)
+        assert not torch.allclose(m(shifted), m(x))  # through the series mean only
 
 
 def test_authors_files_load_identically(tmp_path, full_ensemble):

@@ -216,21 +216,22 @@ def test_stacked_native_insists(fresh_cache, monkeypatch, full_ensemble):
 @pytest.mark.parametrize("width", [16, 32, 128])
 def test_dense_batchnorm_relu_equals_pytorch(width):
     """relu(batch_norm(y)) of stacked dense layers in their (members, batch, width) layout: output,
-    batch statistics and the gradients of y, gamma and beta against PyTorch's batch norm."""
+    batch statistics and the gradients of y, gamma and beta (and of a bias before the batch norm:
+    round-off) against PyTorch's batch norm."""
     import torch.nn.functional as F
 
-    from msda.stacked import _NativeBNReLU
-
+    lib = native.conv_stage_library()
     g = torch.Generator().manual_seed(6)
     y = (torch.randn(3, 50, width, generator=g) * 2 + 1).requires_grad_(True)
     gamma = (torch.rand(3, width, generator=g) + 0.5).requires_grad_(True)
     beta = torch.randn(3, width, generator=g).requires_grad_(True)
     go = torch.randn(3, 50, width, generator=g)
-    out, mean, var = _NativeBNReLU.apply(y, gamma, beta, native.conv_stage_library())
-    (out * go).sum().backward()
-    got = [out.detach(), mean, var] + [t.grad.clone() for t in (y, gamma, beta)]
-    for t in (y, gamma, beta):
-        t.grad = None
+    out, mean, var = native.bnrelu_forward(lib, y.detach(), gamma.detach(), beta.detach(), 1e-5)
+    gz, d_gamma, d_beta, d_bias = native.bnrelu_backward(lib, y.detach(), out, go, gamma.detach(), mean,
+                                                         torch.rsqrt(var + 1e-5), bias_grad=True)
+    got = [out, mean, var, gz, d_gamma, d_beta]
+    assert d_bias.abs().max() < 1e-4 * gz.abs().sum(1).max()
+    torch.testing.assert_close(d_bias, gz.sum(1))
     rows = y.transpose(0, 1).reshape(50, -1)
     ref = F.relu(F.batch_norm(rows, None, None, gamma.reshape(-1), beta.reshape(-1), True, 0.1, 1e-5))
     ref = ref.view(50, 3, width).transpose(0, 1)
@@ -307,7 +308,7 @@ def test_dense_blocks_function_equals_autograd():
         if written_out:
             out = _DenseBlocks.apply(hi, group, lib, *params)
         else:
-            out = group.fc(group._blocks(hi, lib))
+            out = group.fc(group._blocks(hi))
         if go is None:
             go = torch.randn(out.shape, generator=g)
         (out * go).sum().backward()

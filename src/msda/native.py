@@ -1,5 +1,6 @@
 """The C kernels (``_convstage.c``), built on first use: the convolution stage of CPU inference,
-and the first two convolutions of CPU training with the second's batch norm.
+and the convolutions and batch norms of CPU training (the three convolutions, the dense layers'
+batch norms).
 
 Inference: the three convolutions of a member, with their ReLUs and poolings, run per sample
 with every intermediate in L1 cache; PyTorch instead writes each stage of a whole batch to

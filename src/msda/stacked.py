@@ -307,27 +307,6 @@ class _Conv(nn.Module):
         return _ReluDropoutPool2.apply(y, training, 1)
 
 
-class _NativeBNReLU(torch.autograd.Function):
-    """relu(bn(y)) of stacked dense layers, training mode, in C in the (g, B, w) layout of their
-    batched products (``native.bnrelu_forward``); PyTorch's batch norm wants (B, g*w) rows, a
-    transposed copy each way. Returns the output and the batch mean and variance (no gradient)."""
-
-    @staticmethod
-    def forward(ctx, y, gamma, beta, lib):
-        out, mean, var = native.bnrelu_forward(lib, y, gamma, beta, _BN_EPS)
-        istd = torch.rsqrt(var + _BN_EPS)
-        ctx.save_for_backward(y, out, gamma, mean, istd)
-        ctx.lib = lib
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _m, _v):
-        y, out, gamma, mean, istd = ctx.saved_tensors
-        gz, d_gamma, d_beta = native.bnrelu_backward(ctx.lib, y, out, grad, gamma, mean, istd)
-        return gz, d_gamma, d_beta, None
-
-
 class _NativeConvStage(torch.autograd.Function):
     """The three convolutions of training in C, up to conv3's batch norm (``native.py``):
 
@@ -541,13 +520,9 @@ class _WidthGroup(nn.Module):
         self.out = _Linear(len(depths), bottleneck, 1)
 
     @staticmethod
-    def _lbr(x: torch.Tensor, lin: _Linear, bn: _BN, lib=None) -> torch.Tensor:
+    def _lbr(x: torch.Tensor, lin: _Linear, bn: _BN) -> torch.Tensor:
         y = lin(x)  # (g, B, w)
         g, b, w = y.shape
-        if lib is not None and bn.training and w % 16 == 0 and w <= native.MAX_DENSE_WIDTH:
-            out, mean, var = _NativeBNReLU.apply(y, bn.weight, bn.bias, lib)
-            bn.track(mean, var, b)
-            return out
         y = bn(y.transpose(0, 1).reshape(b, g * w)).view(b, g, w).transpose(0, 1)
         return F.relu(y)
 
@@ -559,7 +534,7 @@ class _WidthGroup(nn.Module):
         if lib is not None and self.training and self.width % 16 == 0 and self.width <= native.MAX_DENSE_WIDTH:
             f = _DenseBlocks.apply(h, self, lib, self.fc.weight, self.fc.bias, *self.block_parameters())
         else:
-            f = self.fc(self._blocks(h, lib))
+            f = self.fc(self._blocks(h))
         f = F.relu(f)
         g, b, c = f.shape
         f = self.fc_bn(f.transpose(0, 1).reshape(b, g * c)).view(b, g, c).transpose(0, 1)
@@ -571,14 +546,14 @@ class _WidthGroup(nn.Module):
         return [t for blk in self.blocks for name in ("linear1", "linear2", "linear3", "bn1", "bn2", "bn3")
                 for t in (blk[name].weight, blk[name].bias)]
 
-    def _blocks(self, h: torch.Tensor, lib=None) -> torch.Tensor:
+    def _blocks(self, h: torch.Tensor) -> torch.Tensor:
         """The dense blocks with autograd: (g, B, n_in) -> the bottleneck's inputs (g, B, max_in)."""
         finished: list[torch.Tensor] = []
         x = h
         for k, blk in enumerate(self.blocks):
-            y = self._lbr(x, blk["linear1"], blk["bn1"], lib)
-            y = self._lbr(y, blk["linear2"], blk["bn2"], lib)
-            y = self._lbr(y, blk["linear3"], blk["bn3"], lib)
+            y = self._lbr(x, blk["linear1"], blk["bn1"])
+            y = self._lbr(y, blk["linear2"], blk["bn2"])
+            y = self._lbr(y, blk["linear3"], blk["bn3"])
             x = torch.cat((y, x), dim=2)
             n_done = sum(d == k + 1 for d in self.depths)
             if n_done:  # split, not two slices: its backward is one concatenation, not zero-filled copies
@@ -723,8 +698,8 @@ class StackedEnsemble(nn.Module):
             self.group_sizes.append(len(members))
         self.groups = nn.ModuleList(groups)
         self.dropout = True  # tests switch it off to compare with the modules deterministically
-        # the C training kernels on CPU (native.py: conv1 and conv2, their batch norms, the dense
-        # layers' batch norms): None where they build, True insists, False never
+        # the C training kernels on CPU (native.py: the three convolutions and their batch norms,
+        # the dense layers' batch norms): None where they build, True insists, False never
         self.native: bool | None = None
 
     # ----- computation -----------------------------------------------------------------------
@@ -774,7 +749,7 @@ class StackedEnsemble(nn.Module):
         return [slice(a, min(a + k, len(self.specs))) for a in range(0, len(self.specs), k)]
 
     def _library(self, patches: torch.Tensor):
-        """The C kernels for the first two convolutions, or None (PyTorch operations)."""
+        """The C training kernels, or None (PyTorch operations)."""
         if self.native is False:
             return None
         lib = native.conv_stage_library() if native.train_supported(patches, self.length) else None
