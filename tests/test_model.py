@@ -8,7 +8,6 @@ from msda.model import DenseSM, DenseSME, MemberSpec, default_members, pooled_le
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema
 from msda.weights import load_ensemble, read_manifest, save_authors, save_ensemble
 
-
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
