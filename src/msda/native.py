@@ -203,6 +203,13 @@ def _parallel(lib: ctypes.CDLL, n: int, call, what: str) -> int:
     return threads
 
 
+def _mean_var(sums: torch.Tensor, count: int) -> torch.Tensor:
+    """Mean and biased variance per channel (2, C) from per-thread partial (sum, sum of squares)
+    (threads, 2, C) of ``count`` values per channel."""
+    total = sums.sum(0) / count
+    return torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
+
+
 def train_supported(patches: torch.Tensor, length: int) -> bool:
     """Whether ``conv12_forward``/``conv12_backward`` take these windows (else the caller uses PyTorch)."""
     return (patches.device.type == "cpu" and patches.dtype == torch.float32 and patches.shape[1] <= MAX_WINDOW
@@ -231,8 +238,7 @@ def conv12_forward(lib: ctypes.CDLL, patches: torch.Tensor, wt1: torch.Tensor, w
         patches.data_ptr(), kc, lo, hi - lo, length, m, wt1.data_ptr(), wp, scale, w2k.data_ptr(), b2.data_ptr(),
         z.data_ptr(), sums[part].data_ptr(), threads),
         f"window {kc}, length {length}, members {m}")
-    total = sums.sum(0) / (n * (length // 2))
-    return z, torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
+    return z, _mean_var(sums, n * (length // 2))
 
 
 class BN2(NamedTuple):
@@ -293,8 +299,7 @@ def conv3_forward(lib: ctypes.CDLL, bn2: BN2, w3: torch.Tensor, b3: torch.Tensor
     _parallel(lib, n, lambda lo, hi, threads, part: lib.msda_conv3_forward(
         z, a, c, words, scale, length1, lo, hi - lo, m, w3.data_ptr(), b3.data_ptr(), y.data_ptr(), sums[part].data_ptr(),
         threads), f"length {length}, members {m}")
-    total = sums.sum(0) / (n * length)
-    return y, torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
+    return y, _mean_var(sums, n * length)
 
 
 def conv3_backward(lib: ctypes.CDLL, bn2: BN2, w3: torch.Tensor,

@@ -236,14 +236,23 @@ class _BN(nn.Module):
         self.register_buffer("running_var", torch.ones(shape))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
     def track(self, mean: torch.Tensor, var: torch.Tensor, n: int, members: slice = slice(None)) -> None:
         """Move the running statistics of ``members`` as batch norm does, from a batch of n values
         per channel with this mean and biased variance (for batch norms computed elsewhere)."""
-        self.running_mean[members].view(-1).lerp_(mean.reshape(-1), _BN_MOMENTUM)
-        self.running_var[members].view(-1).lerp_(var.reshape(-1) * (n / (n - 1)), _BN_MOMENTUM)
-        if members.start in (None, 0):  # once per step, not once per member chunk
-            self.num_batches_tracked.add_(1)
+        _BN.track_many([(self, members, mean, var)], n)
+
+    @staticmethod
+    @torch.no_grad()
+    def track_many(updates: list[tuple["_BN", slice, torch.Tensor, torch.Tensor]], n: int) -> None:
+        """``track`` for several (batch norm, members, mean, var), in three foreach calls."""
+        means = [bn.running_mean[members].view(-1) for bn, members, _, _ in updates]
+        variances = [bn.running_var[members].view(-1) for bn, members, _, _ in updates]
+        torch._foreach_lerp_(means, [mean.reshape(-1) for _, _, mean, _ in updates], _BN_MOMENTUM)
+        torch._foreach_lerp_(variances, [var.reshape(-1) * (n / (n - 1)) for _, _, _, var in updates], _BN_MOMENTUM)
+        # once per step, not once per member chunk
+        steps = [bn.num_batches_tracked for bn, members, _, _ in updates if members.start in (None, 0)]
+        if steps:
+            torch._foreach_add_(steps, 1)
 
     def forward(self, x2d: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
         """``x2d``: (rows, channels[, length]), the channels of ``members``; statistics over rows (and length)."""
@@ -299,11 +308,8 @@ class _Conv(nn.Module):
         x4 = padded.permute(0, 2, 1).unsqueeze(2)  # (B, k*c_in, 1, L+4), channels-last strides
         w4 = w.flatten(0, 1).unsqueeze(2).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x4, w4, self.bias[members].flatten(), groups=k)  # (B, k*c_out, 1, L)
-        return self.after(y.squeeze(2).permute(0, 2, 1).reshape(b * length, -1), b, training, members)  # no copy
-
-    def after(self, y: torch.Tensor, batch: int, training: bool, members: slice) -> torch.Tensor:
-        """pool2(dropout(relu(bn(y)))) of the convolution's output y (B * L, k * c_out) -> (B, L / 2, k * c_out)."""
-        y = self.bn(y, members).view(batch, y.shape[0] // batch, -1)
+        y = y.squeeze(2).permute(0, 2, 1).reshape(b * length, -1)  # (B*L, k*c_out), no copy
+        y = self.bn(y, members).view(b, length, -1)
         return _ReluDropoutPool2.apply(y, training, 1)
 
 
@@ -596,7 +602,8 @@ class _DenseBlocks(torch.autograd.Function):
                 stats.append((mean, var))
             x[a:, :, start - w : start] = inp
             saved.append(layer)
-        _DenseBlocks._track(group, stats, b)
+        bns = [blk[name] for blk in group.blocks for name in ("bn1", "bn2", "bn3")]
+        _BN.track_many([(bn, slice(None), mean, var) for bn, (mean, var) in zip(bns, stats)], b)
         out = h.new_empty(g, b, fc_w.shape[1])
         for j0, j1, start in _DenseBlocks._runs(group, n_in):
             torch.baddbmm(fc_b[j0:j1].unsqueeze(1), x[j0:j1, :, start:], fc_w[j0:j1, :, start:].transpose(1, 2),
@@ -617,16 +624,6 @@ class _DenseBlocks(torch.autograd.Function):
             runs.append((j, e, group.max_in - n_in - depths[j] * group.width))
             j = e
         return runs
-
-    @staticmethod
-    @torch.no_grad()
-    def _track(group, stats, n: int) -> None:
-        """The running statistics of all the group's block batch norms, in three foreach calls."""
-        bns = [blk[name] for blk in group.blocks for name in ("bn1", "bn2", "bn3")]
-        torch._foreach_lerp_([bn.running_mean.view(-1) for bn in bns], [m.reshape(-1) for m, _ in stats], _BN_MOMENTUM)
-        torch._foreach_lerp_([bn.running_var.view(-1) for bn in bns], [v.reshape(-1) * (n / (n - 1)) for _, v in stats],
-                             _BN_MOMENTUM)
-        torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -404,10 +404,10 @@ def auto_parts(specs, rows: int, device: torch.device) -> int:
 
 
 class _PartsTrainer:
-    """One optimisation step of every part of a ``PartedEnsemble``: forward, the loss of each of
-    its members, backward and Adam, each part with its own optimiser.
+    """The optimisation of every part of a ``PartedEnsemble``, an epoch at a time: per step,
+    forward, the loss of each of its members, backward and Adam, each part with its own optimiser.
 
-    On a CPU with several threads (and without ``compile``), the parts step side by side in
+    On a CPU with several threads (and without ``compile``), the parts run side by side in
     threads of their own, sharing out torch's threads; elsewhere one after another. The results
     are the same either way: the parts share no parameters and draw from their own generators.
     """
