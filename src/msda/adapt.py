@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from msda.io import atomic_path
+from msda.io import atomic_path, check_output
 from msda.metrics import scores
 from msda.model import DenseSME, MemberSpec, default_members
 from msda.predict import predict
@@ -44,8 +44,10 @@ def pretrain(
     settings: TrainSettings,
     members: list[MemberSpec] | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> FitResult:
     """Train a DenseSM-E from scratch on 9 km samples (SMAP truth, MSE); write the weights to ``out``."""
+    check_output(out, "weights", (coarse.source,), force)
     if len(coarse) < 2:
         raise TransferError(f"{coarse.source}: need at least 2 samples to pretrain, got {len(coarse)}")
     specs = members if members is not None else default_members()
@@ -63,7 +65,7 @@ def pretrain(
         **settings_dict(LossWeights(alpha=1.0, beta=0.0), settings),
     )
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "weights", inputs=(coarse.source,), force=force) as tmp:
         save_ensemble(result.ensemble, tmp, info)
         pd.DataFrame(result.losses).to_csv(tmp / "losses.csv", index=False)
     return result
@@ -89,6 +91,7 @@ def adapt(
     progress: bool = True,
     figures: bool = True,
     monitor_every: int = 0,
+    force: bool = False,
 ) -> tuple[FitResult, pd.DataFrame]:
     """Adapt ``ensemble`` to ``network`` with ``method``; write the output directory ``out``.
 
@@ -97,6 +100,8 @@ def adapt(
     """
     weights = LossWeights.for_method(method, alpha, beta, domain_loss)
     settings.check()
+    sources = (fine.source, coarse.source, getattr(ensemble, "source", None))
+    check_output(out, "adaptation", sources, force)
     if not ensemble.schema.same_layout(fine.schema):
         raise TransferError(
             f"the weights use schema {ensemble.schema.name!r} ({ensemble.schema.n_features} features) but "
@@ -143,7 +148,7 @@ def adapt(
         **settings_dict(weights, settings),
     }
     info = provenance(**{k: v for k, v in run.items() if k != "weights_in"})
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "adaptation", inputs=sources, force=force) as tmp:
         tmp.mkdir()
         save_ensemble(result.ensemble, tmp / "weights", info)
         counts = problem.labeled.groupby(problem.labeled["station"].astype(str)).size()

@@ -27,6 +27,14 @@ app.add_typer(prepare_app, name="prepare")
 _state = {"debug": False}
 
 SchemaOpt = typer.Option(None, "--schema", help="Feature schema file (TOML/YAML/JSON); default: Table 1.")
+ForceOpt = typer.Option(False, "--force", help="Replace an existing --out that msda did not write (never an input).")
+
+
+def _out(out: Path, kind: str, *inputs, force: bool = False) -> None:
+    """Check --out before any work: not the working directory, an input, or foreign files."""
+    from msda.io import check_output
+
+    check_output(out, kind, inputs, force)
 
 
 def _schema(path: Optional[Path]):
@@ -56,15 +64,18 @@ def predict(
     members: bool = typer.Option(True, "--members/--no-members", help="Write each member's prediction."),
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (GPU; on CPU the default C stage is faster)."),
+    force: bool = ForceOpt,
 ) -> None:
     """Predict soil moisture (m3/m3): ensemble mean, member spread and per-member values."""
     from msda.predict import predict_table
     from msda.weights import load_ensemble
 
+    _out(out, "predictions", weights, samples, schema, force=force)
     sch = _schema(schema)
     ensemble = load_ensemble(weights, schema=sch if schema is not None else None)
     t0 = time.perf_counter()
-    rows = predict_table(ensemble, samples, out, chunk_rows, batch, device, members, drop_nan, compile=compile)
+    rows = predict_table(ensemble, samples, out, chunk_rows, batch, device, members, drop_nan, compile=compile,
+                         force=force)
     dt = time.perf_counter() - t0
     typer.echo(f"wrote {out}: {rows} rows, {len(ensemble.specs)} members, {rows / dt:,.0f} samples/s")
 
@@ -92,12 +103,14 @@ def convert(
     schema: Optional[Path] = SchemaOpt,
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features and report the count."),
     networks: Optional[str] = typer.Option(None, help="Comma-separated networks to keep."),
+    force: bool = ForceOpt,
 ) -> None:
     """Convert a sample table between the authors' CSV and our Parquet layout (validated)."""
     from msda.tables import read_samples, write_samples
 
+    _out(dst, "samples", src, schema, force=force)
     s = read_samples(src, _kind(kind), _schema(schema), drop_nan, _networks(networks))
-    write_samples(s, dst)
+    write_samples(s, dst, force=force)
     _summary(s)
     typer.echo(f"wrote {dst}")
 
@@ -137,17 +150,21 @@ def weights_convert(
     src: Path = typer.Argument(..., help="Weights: our directory or the authors' .pt directory/file."),
     dst: Path = typer.Argument(..., help="Output directory."),
     to: str = typer.Option("msda", help="msda (safetensors + manifest) or authors (one .pt per member)."),
+    force: bool = ForceOpt,
 ) -> None:
     """Convert weights between the authors' .pt files and our safetensors format."""
     from msda.weights import load_ensemble, provenance, save_authors, save_ensemble
 
+    if to not in ("msda", "authors"):
+        raise MsdaError(f"--to must be msda or authors, got {to!r}")
+    _out(dst, "weights", src, force=force)
     e = load_ensemble(src)
     if to == "msda":
-        save_ensemble(e, dst, provenance(converted_from=str(src), source=getattr(e, "provenance", {})))
+        save_ensemble(e, dst, provenance(converted_from=str(src), source=getattr(e, "provenance", {})), force=force)
     elif to == "authors":
         if not e.schema.is_default:
             raise MsdaError(f"{src}: only Table 1 weights can be written in the authors' layout")
-        save_authors(e, dst)
+        save_authors(e, dst, force=force)
     else:
         raise MsdaError(f"--to must be msda or authors, got {to!r}")
     typer.echo(f"wrote {dst} ({len(e.specs)} members)")
@@ -160,18 +177,15 @@ def weights_init(
     widths: str = typer.Option("8,16,32,64,128", help="Comma-separated widths w."),
     depths: str = typer.Option("1,2,3,4,5", help="Comma-separated depths d."),
     schema: Optional[Path] = SchemaOpt,
+    force: bool = ForceOpt,
 ) -> None:
     """Write an untrained, seeded DenseSM-E (the starting point of training from scratch)."""
-    from msda.model import DenseSME, default_members
+    from msda.model import DenseSME
     from msda.weights import provenance, save_ensemble
 
-    try:
-        ws = [int(v) for v in widths.split(",")]
-        ds = [int(v) for v in depths.split(",")]
-    except ValueError:
-        raise MsdaError(f"--widths and --depths take comma-separated integers, got {widths!r} / {depths!r}") from None
-    e = DenseSME(default_members(ws, ds), schema=_schema(schema), seed=seed)
-    save_ensemble(e, out, provenance(kind="untrained initialisation", seed=seed))
+    _out(out, "weights", schema, force=force)
+    e = DenseSME(_members(widths, depths), schema=_schema(schema), seed=seed)
+    save_ensemble(e, out, provenance(kind="untrained initialisation", seed=seed), force=force)
     typer.echo(f"wrote {out} ({len(e.specs)} untrained members, seed {seed})")
 
 
@@ -198,11 +212,12 @@ def schema_show(schema: Optional[Path] = typer.Argument(None, help="Schema file;
 
 
 @schema_app.command("write")
-def schema_write(out: Path = typer.Argument(..., help="Output .yaml or .json file to edit.")) -> None:
+def schema_write(out: Path = typer.Argument(..., help="Output .yaml or .json file to edit."),
+                 force: bool = ForceOpt) -> None:
     """Write the default Table 1 schema to a file, as a template for your own."""
     from msda.schema import DEFAULT_SCHEMA
 
-    DEFAULT_SCHEMA.save(out)
+    DEFAULT_SCHEMA.save(out, force=force)
     typer.echo(f"wrote {out}")
 
 
@@ -216,14 +231,18 @@ def simulate(
     networks: Optional[str] = typer.Option(None, help="Comma-separated networks (default: all seven)."),
     start: str = typer.Option("2016-01-01", help="First Sentinel-1 date."),
     end: str = typer.Option("2021-12-31", help="Last Sentinel-1 date."),
+    force: bool = ForceOpt,
 ) -> None:
     """Generate the synthetic CONUS benchmark: fine (50 m), coarse (9 km) and pretraining tables."""
     from msda.simulate import NETWORKS, SimConfig, simulate as run_sim, write_benchmark
 
+    if format not in ("parquet", "csv"):
+        raise MsdaError(f"--format must be parquet or csv, got {format!r}")
+    _out(out, "benchmark", force=force)
     cfg = SimConfig(scale=scale, seed=seed, start=start, end=end, networks=tuple(_networks(networks) or NETWORKS))
     t0 = time.perf_counter()
     bench = run_sim(cfg)
-    write_benchmark(bench, out, format, plots)
+    write_benchmark(bench, out, format, plots, force=force)
     typer.echo(
         f"wrote {out}: {len(bench.stations)} stations, {len(bench.fine)} fine, {len(bench.coarse)} coarse, "
         f"{len(bench.pretrain)} pretraining samples in {time.perf_counter() - t0:.1f} s"
@@ -234,9 +253,10 @@ def _members(widths: str, depths: str):
     from msda.model import default_members
 
     try:
-        return default_members([int(v) for v in widths.split(",")], [int(v) for v in depths.split(",")])
+        ws, ds = [int(v) for v in widths.split(",")], [int(v) for v in depths.split(",")]
     except ValueError:
         raise MsdaError(f"--widths and --depths take comma-separated integers, got {widths!r} / {depths!r}") from None
+    return default_members(ws, ds)
 
 
 @app.command()
@@ -255,16 +275,19 @@ def pretrain(
     parts: int = typer.Option(0, "--parts", min=0, help="Train the members in this many parts side by side (CPU threads); 0: automatic."),
     schema: Optional[Path] = SchemaOpt,
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
+    force: bool = ForceOpt,
 ) -> None:
     """Train a DenseSM-E from scratch on 9 km samples (stands in for the authors' pretrained weights)."""
     from msda.adapt import pretrain as run_pretrain
     from msda.tables import read_samples
     from msda.transfer import TrainSettings
 
+    _out(out, "weights", samples, schema, force=force)
+    specs = _members(widths, depths)
     coarse = read_samples(samples, None, _schema(schema), drop_nan)
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
                              device=device, compile=compile, parts=parts)
-    res = run_pretrain(coarse, out, settings, _members(widths, depths))
+    res = run_pretrain(coarse, out, settings, specs, force=force)
     last = [r for r in res.losses if r["epoch"] == epochs]
     mse = sum(r["fine_50m"] for r in last) / len(last)
     typer.echo(f"wrote {out}: {len(last)} members, {epochs} epochs on {len(coarse)} samples in {res.seconds:.1f} s "
@@ -295,6 +318,7 @@ def adapt(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the training step."),
     parts: int = typer.Option(0, "--parts", min=0, help="Train the members in this many parts side by side (CPU threads); 0: automatic."),
     schema: Optional[Path] = SchemaOpt,
+    force: bool = ForceOpt,
 ) -> None:
     """Adapt a pretrained DenseSM-E to a network's 50 m grid (finetune, MS, DA or MSDA)."""
     from msda.adapt import adapt as run_adapt, read_station_list
@@ -304,6 +328,7 @@ def adapt(
 
     if (stations is None) == (station_list is None):
         raise MsdaError("give exactly one of --stations N or --station-list FILE")
+    _out(out, "adaptation", weights, fine, coarse, station_list, schema, force=force)
     chosen = read_station_list(station_list) if station_list is not None else stations
     beta_value: float | str | None = beta
     if beta is not None and beta != "auto":
@@ -318,7 +343,7 @@ def adapt(
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
                              device=device, compile=compile, parts=parts)
     res, metrics = run_adapt(ensemble, fine_s, coarse_s, network, chosen, method.lower(), out, settings,
-                             alpha, beta_value, domain_loss, monitor_every=monitor_every)
+                             alpha, beta_value, domain_loss, monitor_every=monitor_every, force=force)
     typer.echo(f"wrote {out}: {method} on {network}, {len(ensemble.specs)} members, {epochs} epochs in "
                f"{res.seconds:.1f} s ({res.device})")
     typer.echo("target stations (transductive):")
@@ -384,21 +409,9 @@ def report(
     run_dir: Path = typer.Argument(..., help="Run directory of msda experiment."),
 ) -> None:
     """Re-score the finished fits of an experiment and rewrite its tables, figures and report."""
-    import json
+    from msda.experiment import rescore
 
-    from msda.experiment import Inputs, Protocol, _load, analyse
-    from msda.report import write_report
-
-    path = run_dir / "protocol.json"
-    if not path.exists():
-        raise MsdaError(f"{run_dir}: no protocol.json; not a run directory of msda experiment")
-    record = json.loads(path.read_text())
-    p = record["protocol"]
-    protocol = Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
-    inputs = Inputs(**record["inputs"])
-    fine, coarse, _ = _load(inputs, protocol.members)
-    tables = analyse(run_dir, fine, coarse, protocol, protocol.tasks())
-    target = write_report(run_dir, tables, record)
+    _, target = rescore(run_dir)
     typer.echo(f"wrote {target}")
 
 
@@ -411,13 +424,15 @@ def prepare_ismn(
     max_depth: float = typer.Option(0.05, "--max-depth", help="Deepest sensor bottom counted as surface (m)."),
     tolerance: float = typer.Option(0.0051, "--tolerance", help="Added to --max-depth (m); 2-inch probes count."),
     meta_cache: Optional[Path] = typer.Option(None, "--meta-cache", help="Keep the ismn package's metadata here."),
+    force: bool = ForceOpt,
 ) -> None:
     """ISMN stations -> a station table (with EASE-2 9 km and 50 m cells) and daily surface soil moisture."""
     from msda.prepare.ismn import read_ismn, write_ismn
 
+    _out(out, "ismn", input, meta_cache, force=force)
     nets = [n for n in networks.split(",") if n.strip()] if networks else None
     tables = read_ismn(input, nets, flags.split(","), max_depth, tolerance, meta_cache)
-    write_ismn(tables, out)
+    write_ismn(tables, out, force=force)
     st = tables.stations
     typer.echo(f"wrote {out}: {len(st)} stations ({', '.join(f'{k} {v}' for k, v in st['network'].value_counts().sort_index().items())}), "
                f"{len(tables.daily)} station-days, {tables.daily['date'].min():%Y-%m-%d} to {tables.daily['date'].max():%Y-%m-%d}")
@@ -429,6 +444,7 @@ def prepare_smap(
     stations: Path = typer.Option(..., "--stations", help="Station table with 9 km 'r', 'c' (prepare ismn's stations.parquet or a CSV)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output Parquet: network, station, r, c, date, AM, PM, daily SMAP."),
     all_quality: bool = typer.Option(False, "--all-quality", help="Keep retrievals not of recommended quality."),
+    force: bool = ForceOpt,
 ) -> None:
     """SMAP L3 enhanced 9 km at the stations' cells: AM, PM corrected to AM, daily mean."""
     import pandas as pd
@@ -436,6 +452,7 @@ def prepare_smap(
     from msda.io import atomic_path
     from msda.prepare.smap import extract_smap
 
+    _out(out, "smap", input, stations, force=force)
     if not stations.exists():
         raise MsdaError(f"{stations}: no such station table")
     st = pd.read_csv(stations) if stations.suffix.lower() == ".csv" else pd.read_parquet(stations)
@@ -445,7 +462,7 @@ def prepare_smap(
     table = extract_smap(input, st, recommended_only=not all_quality)
     ids = [c for c in ("network", "station", "r", "c") if c in st]
     table = st[ids].merge(table, on=["r", "c"])
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "smap", inputs=(input, stations), force=force) as tmp:
         table.to_parquet(tmp, index=False)
     typer.echo(f"wrote {out}: {len(table)} station-days of SMAP for {table[['r', 'c']].drop_duplicates().shape[0]} 9 km cells")
 
@@ -461,6 +478,7 @@ def prepare_samples(
     kind: str = typer.Option("fine", help="fine (in-situ truth, 50 m) or coarse (SMAP truth, 9 km)."),
     min_dates: int = typer.Option(6, "--min-dates", min=1, help="Keep stations with at least this many coincident dates."),
     schema: Optional[Path] = SchemaOpt,
+    force: bool = ForceOpt,
 ) -> None:
     """Per-site time series (e.g. Earth Engine exports) -> a validated sample table for adapt/experiment."""
     from msda.prepare.samples import build_samples, read_table
@@ -468,10 +486,11 @@ def prepare_samples(
 
     if kind not in ("fine", "coarse"):
         raise MsdaError(f"--kind must be fine or coarse, got {kind!r}")
+    _out(out, "samples", sar, daily, static, stations, truth, schema, force=force)
     tables = [read_table(p, what) for p, what in ((sar, "sar"), (daily, "daily"), (static, "static"),
                                                    (stations, "stations"), (truth, "truth"))]
     samples = build_samples(*tables, kind=kind, schema=_schema(schema), min_dates=min_dates)
-    write_samples(samples, out)
+    write_samples(samples, out, force=force)
     f = samples.frame
     typer.echo(f"wrote {out}: {len(f)} {kind} samples at {f['station'].nunique()} stations "
                f"({f['date'].min():%Y-%m-%d} to {f['date'].max():%Y-%m-%d})")
@@ -483,12 +502,15 @@ def prepare_static(
     raster: list[str] = typer.Option(..., "--raster", help="NAME=FILE[:angle][:bandN], repeatable, e.g. aspect_deg=aspect.tif:angle."),
     out: Path = typer.Option(..., "--out", "-o", help="Static table (.parquet or .csv) for prepare samples."),
     grid: str = typer.Option("50m", "--grid", help="EASE-2 grid of the cells: 50m, 1km, 3km, 9km, 36km."),
+    force: bool = ForceOpt,
 ) -> None:
     """Area-weighted aggregation of rasters (SoilGrids, SRTM, ...) on the stations' EASE-2 cells."""
     from msda.io import atomic_path
     from msda.prepare.rasters import aggregate_at_stations
     from msda.prepare.samples import read_table
 
+    sources = (stations, *(s.partition("=")[2].split(":")[0] for s in raster))
+    _out(out, "static", *sources, force=force)
     st = read_table(stations, "stations")
     table = st[[c for c in ("network", "station") if c in st]].copy()
     for spec in raster:
@@ -503,7 +525,7 @@ def prepare_static(
             raise MsdaError(f"--raster {spec!r}: unknown option {unknown[0]!r} (angle, bandN)")
         values = aggregate_at_stations(path, st, grid, band=band, angle="angle" in opts)
         table[name] = values.to_numpy()
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "static", inputs=sources, force=force) as tmp:
         table.to_csv(tmp, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(tmp, index=False)
     typer.echo(f"wrote {out}: {len(table)} stations x {len(raster)} inputs on the {grid} grid")
 
@@ -514,6 +536,7 @@ def prepare_series(
     raster: list[str] = typer.Option(..., "--raster", help="NAME=GLOB of dated rasters, repeatable, e.g. vv='s1/*VV*.tif'."),
     out: Path = typer.Option(..., "--out", "-o", help="Table network, station, date, NAME... (.parquet or .csv)."),
     grid: str = typer.Option("50m", "--grid", help="EASE-2 grid of the cells: 50m, 1km, 3km, 9km, 36km."),
+    force: bool = ForceOpt,
 ) -> None:
     """Dated rasters (date in the file name) -> per-station time series, e.g. the sar or daily table."""
     import glob
@@ -522,6 +545,8 @@ def prepare_series(
     from msda.prepare.rasters import series_from_rasters
     from msda.prepare.samples import read_table
 
+    sources = [stations, *(f for s in raster for f in glob.glob(s.partition("=")[2]))]
+    _out(out, "series", *sources, force=force)
     st = read_table(stations, "stations")
     table = None
     for spec in raster:
@@ -534,7 +559,7 @@ def prepare_series(
         part = series_from_rasters(files, st, name, grid)
         table = part if table is None else table.merge(part, on=["network", "station", "date"], how="outer")
     table = table.sort_values(["network", "station", "date"]).reset_index(drop=True)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "series", inputs=sources, force=force) as tmp:
         table.to_csv(tmp, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(tmp, index=False)
     typer.echo(f"wrote {out}: {len(table)} station-dates of {', '.join(c for c in table.columns[3:])}")
 
@@ -547,18 +572,20 @@ def prepare_gee(
     out: Path = typer.Option(..., "--out", "-o", help="Folder: sar.parquet, daily.parquet, static.parquet."),
     project: Optional[str] = typer.Option(None, "--project", help="Earth Engine cloud project."),
     grid: str = typer.Option("50m", "--grid", help="EASE-2 cells to reduce over: 50m or 9km."),
+    force: bool = ForceOpt,
 ) -> None:
     """Earth Engine per-site inputs (needs msda[gee] and an account) for msda prepare samples."""
     from msda.io import atomic_path
     from msda.prepare import earthengine as gee
     from msda.prepare.samples import read_table
 
+    _out(out, "gee", stations, force=force)
     st = read_table(stations, "stations")
     gee.initialise(project)
     first, last = gee.default_period(start, end)
     tables = {"sar": gee.sentinel1(st, start, last, grid), "daily": gee.daily_series(st, first, last, grid),
               "static": gee.static_inputs(st, grid)}
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "gee", inputs=(stations,), force=force) as tmp:
         tmp.mkdir()
         for name, table in tables.items():
             table.to_parquet(tmp / f"{name}.parquet", index=False)
@@ -582,13 +609,15 @@ def scene(
     lon: float = typer.Option(-97.5, help="Longitude inside the first (north-west) 9 km cell."),
     lat: float = typer.Option(36.6, help="Latitude inside the first 9 km cell."),
     seed: int = typer.Option(0, help="Seed."),
+    force: bool = ForceOpt,
 ) -> None:
     """Generate a synthetic 50 m input scene (the schema's variables, true soil moisture) for msda map."""
     from msda.simulate.scene import simulate_scene, write_scene
 
+    _out(out, "scene", force=force)
     t0 = time.perf_counter()
     ds = simulate_scene(cells=_cells(cells), dates=dates, lon=lon, lat=lat, start=start, seed=seed)
-    write_scene(ds, out)
+    write_scene(ds, out, force=force)
     typer.echo(f"wrote {out}: {ds.sizes['time']} dates x {ds.sizes['y']} x {ds.sizes['x']} pixels of 50 m "
                f"in {time.perf_counter() - t0:.1f} s")
 
@@ -611,6 +640,7 @@ def map_(
     dates: int = typer.Option(3, min=1, help="With --inputs demo: Sentinel-1 dates."),
     seed: int = typer.Option(0, help="With --inputs demo: seed of the scene."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (GPU; on CPU the default C stage is faster)."),
+    force: bool = ForceOpt,
 ) -> None:
     """Map 50 m soil moisture: ensemble mean, member spread and a mask per date (Zarr, COG, PNG)."""
     from msda.mapping import make_map
@@ -618,7 +648,7 @@ def map_(
     scene_opts = dict(cells=_cells(cells), dates=dates, seed=seed) if inputs == "demo" else None
     s = make_map(weights, inputs, out, chunks=chunks, scheduler=scheduler, workers=workers, device=device,
                  ranges_table=training_table, previews=preview, cog=cog, scene=scene_opts,
-                 compile=compile)
+                 compile=compile, force=force)
     h, w = s["shape"][1:]
     typer.echo(f"wrote {out}: {len(s['dates'])} dates x {h} x {w} pixels, {s['pixels_per_s']:,.0f} pixels/s")
     for d in s["dates"]:
@@ -643,8 +673,23 @@ def demo(
     run_demo(out, scale=scale, seed=seed, echo=typer.echo, pretrain_epochs=pretrain_epochs, scheduler=scheduler)
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: unwinds like KeyboardInterrupt (temporaries removed, workers closed)
+    up to :func:`run`, past the command-line parser's own handling of KeyboardInterrupt."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 def run() -> None:
-    """Entry point: one line per user error (exit 2), full traceback with --debug."""
+    """Entry point: one line per user error (exit 2), full traceback with --debug; Ctrl-C and
+    SIGTERM stop the command (exit 130) with nothing half-written left behind."""
+    import signal
+
+    # also where a shell started msda as a background job, with SIGINT ignored
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except MsdaError as exc:
@@ -652,6 +697,11 @@ def run() -> None:
             raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except Interrupted:
+        if _state["debug"]:
+            raise
+        typer.echo("error: interrupted; no partial output left (msda experiment keeps its finished fits)", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A run directory holds:
 
-- ``protocol.json``: the protocol, the inputs and the versions (a resumed run must match it)
+- ``protocol.json``: the protocol, the inputs with content fingerprints, and the versions (a
+  resumed run, and ``msda report``, must match it: same settings, same file contents)
 - ``tasks/<key>.parquet``: one finished fit each (written atomically): the ensemble-mean
   prediction for every row of the fine table, with the training stations, seeds, beta per
   member and timings in the Parquet metadata. ``pretrained`` is one task; its predictions are
@@ -11,15 +12,21 @@ A run directory holds:
   median runs, t-tests, alpha table)
 - ``figures/*.png`` and ``report.html`` (see :mod:`msda.report`)
 
-A killed run continues where it stopped: finished task files are not redone.
+A killed run continues where it stopped: finished task files are not redone, and a task file
+that cannot be read (0 bytes, cut short) is done again. One process at a time works in a run
+directory (``.msda-lock``); a second one leaves with a message naming the first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msda.errors import MsdaError
-from msda.io import atomic_path
+from msda.io import MARKER, atomic_path, check_output, output_folder
 from msda.metrics import METRICS, grouped_scores
 from msda.model import member_name
 from msda.tables import TRUTH, Samples
@@ -85,6 +92,10 @@ class Protocol:
         bad = [a for a in self.alphas if not 0.0 <= a <= 1.0]
         if bad or not self.alphas:
             raise ExperimentError(f"alpha must lie in [0, 1], got {bad[0] if bad else 'none'}")
+        for name, values in (("alpha", self.alphas), ("N", self.ns), ("method", self.methods)):
+            twice = sorted({v for v in values if list(values).count(v) > 1})
+            if twice:
+                raise ExperimentError(f"{name} {twice[0]} is given twice")
         if self.domain_loss not in ("coral", "mmd"):
             raise ExperimentError(f"unknown domain loss {self.domain_loss!r}; choose coral or mmd")
         if n_stations is not None and max(self.ns) >= n_stations:
@@ -125,7 +136,7 @@ class Task:
     def key(self) -> str:
         if self.method == "pretrained":
             return "pretrained"
-        a = "" if self.alpha is None else f"_a{self.alpha:.2f}"
+        a = "" if self.alpha is None else f"_a{float(self.alpha)!r}"  # shortest exact form: 0.701, 0.7
         return f"n{self.n:03d}_r{self.repeat:02d}_{self.method}{a}"
 
     @property
@@ -185,7 +196,7 @@ def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: s
     from msda.transfer import LossWeights, TrainSettings, adapt_problem, fit, resolve_device
 
     path = Path(out) / "tasks" / f"{task.key}.parquet"
-    if path.exists():
+    if task_done(path):
         return task.key
     if threads:
         torch.set_num_threads(threads)
@@ -217,19 +228,123 @@ def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: s
 
 
 def read_task(path: Path) -> tuple[dict, np.ndarray]:
-    table = pq.read_table(path)
-    meta = json.loads(table.schema.metadata[b"msda"])
-    return meta, table.column("pred").to_numpy()
+    """A finished task's metadata and ensemble-mean predictions; ExperimentError if unreadable."""
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"msda"])
+        pred = table.column("pred").to_numpy()
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException) as exc:
+        raise ExperimentError(f"{path}: unreadable task file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or "method" not in meta:
+        raise ExperimentError(f"{path}: task file without its msda metadata")
+    return meta, pred
+
+
+def task_done(path: Path) -> bool:
+    """True for a readable task file; an unreadable one (a kill, a full disk) is removed, to redo."""
+    if not path.exists():
+        return False
+    try:
+        pq.read_schema(path).metadata[b"msda"]
+        return True
+    except (OSError, KeyError, TypeError, pa.ArrowException):
+        path.unlink(missing_ok=True)
+        return False
+
+
+# ----- what a run depends on -----------------------------------------------------------------
+def fingerprint(path: str | Path) -> str:
+    """SHA-256 of a file's content, or of a folder's files (relative names and contents; msda's
+    markers and temporaries left out): the identity of an input, whatever its path or time."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f != path:
+            rel = f.relative_to(path).as_posix()
+            if any(part.startswith(".") and ".msda-" in part or part == MARKER for part in rel.split("/")):
+                continue
+            digest.update(rel.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
+def input_fingerprints(inputs: "Inputs") -> dict[str, str | None]:
+    return {k: (fingerprint(v) if v else None) for k, v in dataclasses.asdict(inputs).items()}
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.msda-lock`` while working in a run directory; a second process leaves at once."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this system
+        yield
+        return
+    path = out / ".msda-lock"
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ExperimentError(
+                f"{out}: another msda process works in this run directory ({holder}); wait for it to end "
+                "or use another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
 
 
 # ----- the whole run -----------------------------------------------------------------------
+def read_record(out: Path) -> dict:
+    """``out/protocol.json``, or ExperimentError naming what is wrong with it."""
+    path = out / "protocol.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExperimentError(f"{out}: no protocol.json; not a run directory of msda experiment") from None
+    except (OSError, ValueError) as exc:
+        raise ExperimentError(f"{path}: unreadable ({exc}); use a new --out") from None
+    if not isinstance(record, dict) or not isinstance(record.get("protocol"), dict):
+        raise ExperimentError(f"{path}: malformed run record; use a new --out")
+    return record
+
+
+def check_inputs_unchanged(out: Path, record: dict, inputs: "Inputs") -> None:
+    """Refuse to mix fits of other inputs: every input's content must match the run's record."""
+    recorded = record.get("fingerprints")
+    if not isinstance(recorded, dict):
+        raise ExperimentError(
+            f"{out / 'protocol.json'}: made by an msda without input fingerprints, so a resume cannot be checked; "
+            "use a new --out"
+        )
+    now = input_fingerprints(inputs)
+    changed = [k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
+    if changed:
+        names = ", ".join(f"{k} ({getattr(inputs, k, None)})" for k in changed)
+        raise ExperimentError(
+            f"{out}: the contents of the inputs changed since this run started: {names}; its finished fits "
+            "belong to the old ones. Use a new --out, or put the old inputs back"
+        )
+
+
 def _check_resume(out: Path, record: dict) -> None:
     path = out / "protocol.json"
     if not path.exists():
         return
-    old = json.loads(path.read_text())
+    old = read_record(out)
     new = json.loads(json.dumps(record, default=str))  # tuples as lists, as in the file
-    for section in ("fit", "inputs"):
+    for section in ("fit",):  # the inputs: by content (check_inputs_unchanged), wherever they now lie
         before, now = old.get(section) or {}, new[section]
         changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
         if changed:
@@ -261,6 +376,7 @@ def run_experiment(
 
     out = Path(out)
     inputs = Inputs(*(str(Path(v).resolve()) if v else None for v in dataclasses.astuple(inputs)))
+    check_output(out, "experiment", dataclasses.astuple(inputs))
     for name, path in zip(("fine table", "9 km table", "weights"), dataclasses.astuple(inputs)):
         if not Path(path).exists():
             raise ExperimentError(f"{path}: the {name} does not exist")
@@ -269,29 +385,56 @@ def run_experiment(
         raise ExperimentError(f"{inputs.fine}: no samples of network {protocol.network!r} (networks: {', '.join(fine.networks)})")
     n_stations = fine.frame.loc[fine.frame["network"].astype(str) == protocol.network, "station"].nunique()
     protocol.check(n_stations)
-    record = {
-        "protocol": dataclasses.asdict(protocol),
-        "fit": protocol.fit_fields(),
-        "inputs": dataclasses.asdict(inputs),
-        "members": ensemble.names,
-        "n_tasks": len(protocol.tasks()),
-        **provenance(),
-    }
-    _check_resume(out, record)
-    (out / "tasks").mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "protocol.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str))
+    with output_folder(out, "experiment", dataclasses.astuple(inputs)), run_lock(out):
+        record = {
+            "protocol": dataclasses.asdict(protocol),
+            "fit": protocol.fit_fields(),
+            "inputs": dataclasses.asdict(inputs),
+            "fingerprints": input_fingerprints(inputs),
+            "members": ensemble.names,
+            "n_tasks": len(protocol.tasks()),
+            **provenance(),
+        }
+        if (out / "protocol.json").exists():
+            check_inputs_unchanged(out, read_record(out), inputs)
+        _check_resume(out, record)
+        (out / "tasks").mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "protocol.json") as tmp:
+            tmp.write_text(json.dumps(record, indent=2, default=str))
 
-    tasks = protocol.tasks()
-    todo = [t for t in tasks if not (out / "tasks" / f"{t.key}.parquet").exists()]
-    if todo:
-        _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress, tqdm)
-    tables = analyse(out, fine, coarse, protocol, tasks)
-    if report:
-        from msda.report import write_report
+        tasks = protocol.tasks()
+        todo = [t for t in tasks if not task_done(out / "tasks" / f"{t.key}.parquet")]
+        if todo:
+            _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress, tqdm)
+        tables = analyse(out, fine, coarse, protocol, tasks)
+        if report:
+            from msda.report import write_report
 
-        write_report(out, tables, record)
+            write_report(out, tables, record)
     return tables
+
+
+def rescore(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], Path]:
+    """``msda report``: score a run's finished fits again and rewrite its tables, figures and
+    report, after checking that its inputs are the ones the fits were made from."""
+    from msda.report import write_report
+
+    out = Path(run_dir)
+    record = read_record(out)
+    try:
+        p = record["protocol"]
+        protocol = Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+        inputs = Inputs(**record["inputs"])
+    except (KeyError, TypeError) as exc:
+        raise ExperimentError(f"{out / 'protocol.json'}: malformed run record ({exc})") from None
+    for name, path in zip(("fine table", "9 km table", "weights"), dataclasses.astuple(inputs)):
+        if not Path(path).exists():
+            raise ExperimentError(f"{path}: the {name} of this run does not exist any more")
+    with run_lock(out):
+        check_inputs_unchanged(out, record, inputs)
+        fine, coarse, _ = _load(inputs, protocol.members)
+        tables = analyse(out, fine, coarse, protocol, protocol.tasks())
+        return tables, write_report(out, tables, record)
 
 
 def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress, tqdm) -> None:
@@ -311,16 +454,16 @@ def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress
         if scheduler is None:
             cores = os.cpu_count() or 1
             n = workers or 1
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                   silence_logs=logging.ERROR)
             client, threads = Client(cluster), max(1, cores // n)
-        else:
-            try:
-                import dask
+            from msda.runtime import quiet_local_workers
 
-                client = Client(scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))
-            except OSError as exc:
-                raise ExperimentError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from None
-            threads = 0
+            quiet_local_workers(client)
+        else:
+            from msda.runtime import connect_scheduler
+
+            client, threads = connect_scheduler(scheduler), 0
         try:
             futures = {client.submit(run_task, t, protocol, inputs, str(out.resolve()), device, threads,
                                      key=f"msda-{t.key}", pure=False): t for t in todo}
@@ -379,11 +522,20 @@ def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks
     in_net = (frame["network"].astype(str) == protocol.network).to_numpy()
     st_net = st["network"].astype(str).to_numpy()
 
-    done = {t.key: t for t in tasks if (out / "tasks" / f"{t.key}.parquet").exists()}
     preds: dict[str, np.ndarray] = {}
     metas: dict[str, dict] = {}
-    for key in done:
-        metas[key], preds[key] = read_task(out / "tasks" / f"{key}.parquet")
+    done: dict[str, Task] = {}
+    for t in tasks:  # an unreadable task file counts as not done: msda experiment redoes it
+        path = out / "tasks" / f"{t.key}.parquet"
+        if path.exists():
+            try:
+                metas[t.key], preds[t.key] = read_task(path)
+            except ExperimentError:
+                continue
+            if len(preds[t.key]) != len(frame):
+                raise ExperimentError(f"{path}: {len(preds[t.key])} predictions for a fine table of {len(frame)} rows; "
+                                      "the table changed since this fit")
+            done[t.key] = t
     draws = {(m["n"], m["repeat"]): m["train_stations"] for m in metas.values() if m["method"] != "pretrained"}
     for n in protocol.ns:  # pretrained is scored on every draw, including draws whose fits are pending
         for rep in range(protocol.repeats):
@@ -406,7 +558,7 @@ def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks
             trans = in_net & ~row_train
             ind = ~in_net
             head = {"n": n, "repeat": rep, "method": task.method, "alpha": task.alpha,
-                    "variant": task.variant, "train_stations": ",".join(sorted(train))}
+                    "variant": task.variant, "train_stations": json.dumps(sorted(train))}
             pooled = grouped_scores(np.where(trans, 0, np.where(ind, 1, -1)), truth, pred, 2)
             per_st = grouped_scores(np.where(row_train, -1, station_code), truth, pred, len(st)).rename(columns=SAMPLES)
             per_st["station"], per_st["network"] = st["station"], st_net

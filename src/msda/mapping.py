@@ -40,7 +40,7 @@ import pandas as pd
 
 from msda.errors import MsdaError
 from msda.grids import CRS, EASE2_UL_X, EASE2_UL_Y, GRID_9KM, GRID_50M
-from msda.io import atomic_path
+from msda.io import atomic_path, check_output
 from msda.runtime import release_memory
 from msda.schema import FeatureSchema
 
@@ -453,13 +453,11 @@ def _run_tasks(tasks: list, scheduler: str | None, workers: int | None, progress
     from tqdm.auto import tqdm
 
     if scheduler:
-        from distributed import Client, as_completed
+        from distributed import as_completed
 
-        try:
-            client = Client(scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))
-        except (OSError, TimeoutError) as exc:
-            raise MapError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from None
-        with client:
+        from msda.runtime import connect_scheduler
+
+        with connect_scheduler(scheduler) as client:
             futures = client.compute(tasks)
             results = []
             with tqdm(total=len(tasks), desc="map", unit=" blocks", disable=not progress) as bar:
@@ -487,6 +485,7 @@ def make_map(
     progress: bool = True,
     scene: dict | None = None,
     compile: bool = False,
+    force: bool = False,
 ) -> dict:
     """Map every date of ``inputs`` with the ensemble at ``weights`` into ``out`` (atomically).
 
@@ -501,6 +500,8 @@ def make_map(
 
     if chunks < 16:
         raise MapError(f"--chunks must be at least 16 pixels, got {chunks}")
+    sources = (weights, None if str(inputs) == "demo" else inputs, ranges_table)
+    check_output(out, "map", sources, force)
     weights, out = str(Path(weights).resolve()), Path(out)
     _engine.cache_clear()  # weights rewritten since this process last loaded them
     # locally the tasks run in this process: load the ensemble once, for the schema and for them
@@ -514,7 +515,7 @@ def make_map(
     if demo:
         settings["scene"] = dict(scene or {})
     meta = provenance(command="msda map", **settings)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "map", inputs=sources, force=force) as tmp:
         tmp.mkdir()
         if demo:
             from msda.simulate.scene import simulate_scene, write_scene

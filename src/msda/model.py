@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msda.schema import DEFAULT_SCHEMA, FeatureSchema
+from msda.errors import WeightsError
+from msda.schema import DEFAULT_SCHEMA, FeatureSchema, whole_number
 
 CONV_FILTERS = (32, 16, 4)
 POOL_WINDOWS = (2, 2, 4)
@@ -23,6 +24,8 @@ DROPOUT = 0.5
 BOTTLENECK = 32  # the "features" of the domain loss
 DEFAULT_WIDTHS = (8, 16, 32, 64, 128)
 DEFAULT_DEPTHS = (1, 2, 3, 4, 5)
+MAX_DEPTH, MAX_WIDTH, MAX_MEMBERS = 16, 1024, 256  # refused before anything is allocated
+MAX_PARAMETERS = 2**28  # of a whole ensemble (1 GiB of float32)
 
 
 def pooled_length(length: int) -> int:
@@ -91,8 +94,7 @@ class DenseSM(nn.Module):
 
     def __init__(self, depth: int, width: int, schema: FeatureSchema = DEFAULT_SCHEMA):
         super().__init__()
-        if depth < 1 or width < 1:
-            raise ValueError(f"DenseSM needs depth >= 1 and width >= 1, got d={depth}, w={width}")
+        MemberSpec(depth, width)  # checks the sizes
         self.depth, self.width, self.schema = depth, width, schema
         self.n_scalars, self.n_series, self.length = schema.n_scalars, schema.n_series, schema.series_length
         self.n_in = self.n_scalars + self.n_series + CONV_FILTERS[-1] * pooled_length(self.length)
@@ -125,12 +127,28 @@ def member_name(depth: int, width: int) -> str:
 
 @dataclass(frozen=True)
 class MemberSpec:
+    """One member's size: ``depth`` dense blocks of ``width`` (whole numbers, within the caps)."""
+
     depth: int
     width: int
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "depth", whole_number(self.depth, "member depth", 1, MAX_DEPTH))
+            object.__setattr__(self, "width", whole_number(self.width, "member width", 1, MAX_WIDTH))
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from None
 
     @property
     def name(self) -> str:
         return member_name(self.depth, self.width)
+
+    def parameters(self, n_in: int) -> int:
+        """Trainable parameters of this member on ``n_in`` inputs to its dense blocks."""
+        w, total = self.width, 0
+        for k in range(self.depth):
+            total += (n_in + k * w) * w + 2 * w * w + 9 * w  # three linears, their biases and batch norms
+        return total + (n_in + self.depth * w + 3) * BOTTLENECK + 1
 
 
 def default_members(
@@ -152,10 +170,16 @@ class DenseSME(nn.Module):
         super().__init__()
         specs = list(members) if members is not None else default_members()
         if not specs:
-            raise ValueError("DenseSM-E needs at least one member")
+            raise WeightsError("DenseSM-E needs at least one member")
+        if len(specs) > MAX_MEMBERS:
+            raise WeightsError(f"DenseSM-E of {len(specs)} members; at most {MAX_MEMBERS}")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicated members in {names}")
+            raise WeightsError(f"duplicated members in {names}")
+        n_in = schema.n_scalars + schema.n_series + CONV_FILTERS[-1] * pooled_length(max(schema.series_length, 1))
+        size = sum(s.parameters(n_in) for s in specs)
+        if size > MAX_PARAMETERS:
+            raise WeightsError(f"DenseSM-E of {size:,} parameters; at most {MAX_PARAMETERS:,} (members {names[:5]}...)")
         self.schema = schema
         self.specs = specs
         if seed is not None:

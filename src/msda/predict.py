@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from msda import native
 from msda.errors import MsdaError
-from msda.io import atomic_path
+from msda.io import atomic_path, check_output
 from msda.model import CONV_FILTERS, KERNEL, POOL_WINDOWS, DenseSM, DenseSME, pooled_length
 from msda.stacked import _pair_sum
 from msda.tables import iter_feature_chunks
@@ -295,17 +295,20 @@ def predict_table(
     drop_nan: bool = False,
     progress: bool = True,
     compile: bool = False,
+    force: bool = False,
 ) -> int:
     """Stream ``table`` through the ensemble into ``out`` (.parquet or .csv); returns rows written.
 
-    Memory is bounded by ``chunk_rows``; ``out`` appears only when complete.
+    Memory is bounded by ``chunk_rows``; ``out`` appears only when complete, and replaces only
+    an earlier prediction table (or anything with ``force``), never ``table``.
     """
     out = Path(out)
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise MsdaError(f"{out}: output must end in .parquet or .csv")
+    check_output(out, "predictions", (table,), force)
     engine = FusedEnsemble(ensemble.eval(), _resolve_device(device), compile=compile)
     rows = 0
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "predictions", inputs=(table,), force=force) as tmp:
         writer = None
         bar = tqdm(desc="predict", unit=" samples", disable=not progress)
         try:

@@ -151,7 +151,7 @@ def fig_station_map(stations: pd.DataFrame, median: pd.DataFrame, st_info: pd.Da
     for ax, v in zip(axes[0], shown):
         pv = sub[sub["variant"] == v]
         sc = ax.scatter(pv["lon"], pv["lat"], c=pv["rmse"], s=14, cmap="magma_r", vmin=0, vmax=vmax)
-        train = set(pv["train_stations"].iloc[0].split(",")) if len(pv) else set()
+        train = set(json.loads(pv["train_stations"].iloc[0])) if len(pv) else set()
         tr = st_info[st_info["station"].isin(train)]
         ax.scatter(tr["lon"], tr["lat"], marker="x", color="k", s=30, label="training stations")
         ax.set_title(f"{v}, N = {n}: station RMSE, mean {pv['rmse'].mean():.3f}", fontsize=9)
@@ -166,7 +166,7 @@ def fig_station_map(stations: pd.DataFrame, median: pd.DataFrame, st_info: pd.Da
 def fig_timeseries(out, runs, fine_frame, coarse_frame, truth_col, median, variant, network, path) -> None:
     n = int(median["n"].min())
     rep = int(median[(median["variant"] == variant) & (median["n"] == n)]["median_repeat"].iloc[0])
-    train = set(runs[(runs["n"] == n) & (runs["repeat"] == rep)]["train_stations"].iloc[0].split(","))
+    train = set(json.loads(runs[(runs["n"] == n) & (runs["repeat"] == rep)]["train_stations"].iloc[0]))
     preds = {}
     for v in _order(median["variant"]):
         row = median[(median["variant"] == v) & (median["n"] == n)].iloc[0]
@@ -245,7 +245,7 @@ def make_figures(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> li
     draws = runs.drop_duplicates(["n", "repeat"]).set_index(["n", "repeat"])["train_stations"]
 
     def trans_rows(n: int, rep: int) -> np.ndarray:
-        train = set(draws.loc[(n, rep)].split(","))
+        train = set(json.loads(draws.loc[(n, rep)]))
         return in_net & ~np.isin(st_code, list(train))
 
     variant = main_variant(median)

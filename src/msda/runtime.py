@@ -59,3 +59,77 @@ def tune_allocator() -> bool:
     ok &= bool(mallopt(_M_TOP_PAD, 256 * 1024 * 1024))
     _done = ok
     return ok
+
+
+def scheduler_timeout() -> float:
+    """Seconds to connect to a Dask scheduler and finish its handshake (Dask's
+    ``distributed.comm.timeouts.connect``, 30 s by default)."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds"))
+
+
+def check_scheduler_address(address: str) -> None:
+    """One MsdaError for an address that cannot name a Dask scheduler (scheme, host:port)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    from msda.errors import MsdaError
+
+    try:
+        scheme, loc = parse_address(address, strict=True)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            _, port = parse_host_port(loc)
+            if not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} out of range")
+    except (ValueError, TypeError) as exc:
+        raise MsdaError(f"--scheduler {address!r}: not a Dask scheduler address such as tcp://host:8786 ({exc})") from None
+
+
+def connect_scheduler(address: str, timeout: float | None = None):
+    """A Dask ``Client`` of the scheduler at ``address``, or one MsdaError within ``timeout``.
+
+    Dask's own connect waits for the scheduler's handshake without a limit, so an address that
+    accepts connections but is not a Dask scheduler would hang: the handshake is tried first,
+    bounded.
+    """
+    import asyncio
+
+    from distributed import Client
+    from distributed.comm import connect
+
+    from msda.errors import MsdaError
+
+    check_scheduler_address(address)
+    timeout = scheduler_timeout() if timeout is None else timeout
+
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=timeout), timeout)
+        await comm.close()
+
+    try:
+        asyncio.run(handshake())
+        return Client(address, timeout=timeout)
+    except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+        reason = str(exc) or f"no Dask handshake within {timeout:g} s"
+        raise MsdaError(f"cannot reach a Dask scheduler at {address} ({reason})") from None
+
+
+def quiet_local_workers(client) -> None:
+    """Local Dask workers leave Ctrl-C to the client, which stops them: without this, each
+    worker process of the terminal's process group prints its own KeyboardInterrupt."""
+    from distributed import WorkerPlugin
+
+    class IgnoreInterrupt(WorkerPlugin):
+        name = "msda-ignore-interrupt"
+
+        def setup(self, worker) -> None:
+            import signal
+            import threading
+
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    client.register_plugin(IgnoreInterrupt())

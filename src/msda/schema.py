@@ -24,6 +24,26 @@ from msda.errors import SchemaError
 from msda.io import atomic_write_text
 
 EncodingFunc = Literal["sin", "cos", "ratio"]
+MAX_INPUTS = 1024  # scalars + series a schema may declare
+MAX_SERIES_LENGTH = 4096  # steps of one series
+
+
+def whole_number(value: Any, what: str, lo: int, hi: int) -> int:
+    """``value`` as an int in [lo, hi]; ValueError naming ``what`` for 2.5, "3", True or NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    if not float(value).is_integer():
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{what} must lie in [{lo}, {hi}], got {int(value)}")
+    return int(value)
+
+
+def _entries(d: dict[str, Any], key: str, source: str) -> list[dict[str, Any]]:
+    items = d.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise SchemaError(f"{source}: {key!r} must be a list of tables (one per input)")
+    return items
 
 
 @dataclass(frozen=True)
@@ -254,9 +274,13 @@ class FeatureSchema:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "FeatureSchema":
+        if not isinstance(d, dict):
+            raise SchemaError(f"{source}: a schema must be a mapping, got {type(d).__name__}")
+        if len(_entries(d, "scalars", source)) + len(_entries(d, "series", source)) > MAX_INPUTS:
+            raise SchemaError(f"{source}: more than {MAX_INPUTS} inputs")
         try:
             scalars = []
-            for s in d.get("scalars", []):
+            for s in _entries(d, "scalars", source):
                 s = dict(s)
                 enc = s.pop("encoding", None)
                 scalars.append(
@@ -272,16 +296,17 @@ class FeatureSchema:
                 if s:
                     raise SchemaError(f"{source}: scalar {scalars[-1].name!r} has unknown keys {sorted(s)}")
             series = []
-            for s in d.get("series", []):
+            for s in _entries(d, "series", source):
                 s = dict(s)
+                name = str(s.pop("name"))
                 series.append(
                     Series(
-                        name=str(s.pop("name")),
+                        name=name,
                         units=str(s.pop("units", "")),
                         lo=float(s.pop("lo")),
                         hi=float(s.pop("hi")),
-                        length=int(s.pop("length", 46)),
-                        step_days=int(s.pop("step_days", 8)),
+                        length=whole_number(s.pop("length", 46), f"series {name!r} length", 1, MAX_SERIES_LENGTH),
+                        step_days=whole_number(s.pop("step_days", 8), f"series {name!r} step_days", 1, 3660),
                         description=str(s.pop("description", "")),
                     )
                 )
@@ -298,7 +323,7 @@ class FeatureSchema:
             )
         except KeyError as exc:
             raise SchemaError(f"{source}: an input lacks the required key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise SchemaError(f"{source}: {exc}") from None
 
     def fingerprint(self) -> str:
@@ -319,20 +344,22 @@ class FeatureSchema:
         """True when this schema is the paper's Table 1 (the only one the authors' weights fit)."""
         return self.same_layout(table1())
 
-    def save(self, path: str | Path) -> None:
-        """Write the schema as YAML (``.yaml``/``.yml``) or JSON."""
+    def save(self, path: str | Path, force: bool = False) -> None:
+        """Write the schema as YAML (``.yaml``/``.yml``) or JSON; replaces only a schema msda wrote."""
         path = Path(path)
         d = self.to_dict()
         text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
-        atomic_write_text(path, text)
+        atomic_write_text(path, text, "schema", force)
 
 
 def _encoding(d: dict[str, Any]) -> Encoding:
+    if not isinstance(d, dict):
+        raise SchemaError(f"an encoding must be a table (source, func, period), got {d!r}")
     func = str(d["func"])
     if func not in ("sin", "cos", "ratio"):
         raise SchemaError(f"encoding func must be sin, cos or ratio, got {func!r}")
     period = float(d["period"])
-    if not period > 0:
+    if not (period > 0 and math.isfinite(period)):
         raise SchemaError(f"encoding period must be > 0, got {period}")
     return Encoding(source=str(d["source"]), func=func, period=period)  # type: ignore[arg-type]
 
@@ -344,6 +371,8 @@ def load_schema(path: str | Path) -> FeatureSchema:
         text = path.read_text()
     except OSError as exc:
         raise SchemaError(f"{path}: cannot read schema file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise SchemaError(f"{path}: not a text file") from None
     try:
         if path.suffix == ".toml":
             d = tomllib.loads(text)
@@ -351,7 +380,7 @@ def load_schema(path: str | Path) -> FeatureSchema:
             d = json.loads(text)
         else:
             d = yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SchemaError(f"{path}: not a valid schema file: {exc}") from None
     if not isinstance(d, dict):
         raise SchemaError(f"{path}: a schema file must hold a mapping at top level")

@@ -33,6 +33,8 @@ PARQUET_META_KEY = b"msda"
 ID_COLUMNS = ("network", "station", "r", "c", "date", "lc")
 REQUIRED_ID = {"fine": ("network", "station", "r", "c", "date"), "coarse": ("r", "c", "date")}
 MAX_SHOWN = 5
+FAR_OUTSIDE = 0.5  # a normalised feature below -0.5 or above 1.5 is taken for raw units
+GRID_9KM_ROWS, GRID_9KM_COLS = 1624, 3856  # EASE-2 global 9 km (METHOD.md section 2)
 
 
 def edate_to_date(edate: Sequence[float] | np.ndarray | pd.Series) -> pd.DatetimeIndex:
@@ -108,8 +110,10 @@ def read_samples(
     if fmt == "csv":
         try:
             raw = pd.read_csv(path, low_memory=False)
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, ValueError) as exc:
             raise TableError(f"{path}: not a readable CSV table ({exc})") from None
+        except OSError as exc:
+            raise TableError(f"{path}: cannot read ({exc.strerror or exc})") from None
         frame, kind = _from_authors(raw, kind, schema, str(path))
     else:
         frame, meta = _read_parquet(path)
@@ -145,21 +149,24 @@ def iter_feature_chunks(
                 offset += len(frame)
                 frame, _ = _check_features(frame, schema, str(path), drop_nan)
                 yield _id_part(frame, schema), frame[schema.feature_names].to_numpy(np.float32)
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, ValueError) as exc:
             raise TableError(f"{path}: not a readable CSV table ({exc})") from None
         return
     try:
         pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
-    meta = _parquet_meta(pf.schema_arrow.metadata)
+    meta = _parquet_meta(pf.schema_arrow.metadata, str(path))
     _check_parquet_schema(meta, schema, str(path))
-    for batch in pf.iter_batches(batch_size=chunk_rows):
-        frame = batch.to_pandas()
-        frame.index = pd.RangeIndex(offset, offset + len(frame))
-        offset += len(frame)
-        frame, _ = _check_features(frame, schema, str(path), drop_nan)
-        yield _id_part(frame, schema), frame[schema.feature_names].to_numpy(np.float32)
+    try:
+        for batch in pf.iter_batches(batch_size=chunk_rows):
+            frame = batch.to_pandas()
+            frame.index = pd.RangeIndex(offset, offset + len(frame))
+            offset += len(frame)
+            frame, _ = _check_features(frame, schema, str(path), drop_nan)
+            yield _id_part(frame, schema), frame[schema.feature_names].to_numpy(np.float32)
+    except (pa.ArrowException, OSError) as exc:
+        raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
 
 
 def _id_part(frame: pd.DataFrame, schema: FeatureSchema) -> pd.DataFrame:
@@ -215,6 +222,9 @@ def _from_authors(
         bad = edate.isna()
         if bad.any():
             raise TableError(f"{source}: column 'edate' is not a serial day at rows {_rows(bad)}")
+        far = (edate < 0) | (edate > 2_958_465)  # 1899-12-30 to 9999-12-31
+        if far.any():
+            raise TableError(f"{source}: column 'edate' holds serial days outside years 1900-9999 at rows {_rows(far)}")
         frame = frame.drop(columns="edate").copy()
         frame["date"] = edate_to_date(edate)
     return frame, kind
@@ -223,15 +233,23 @@ def _from_authors(
 def _read_parquet(path: Path) -> tuple[pd.DataFrame, dict]:
     try:
         table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+        frame = table.to_pandas()
+    except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
         raise TableError(f"{path}: not a readable Parquet table ({exc})") from None
-    return table.to_pandas(), _parquet_meta(table.schema.metadata)
+    return frame, _parquet_meta(table.schema.metadata, str(path))
 
 
-def _parquet_meta(metadata: dict | None) -> dict:
+def _parquet_meta(metadata: dict | None, source: str) -> dict:
+    """msda's record in a Parquet file's metadata (kind, schema); {} when absent."""
     if not metadata or PARQUET_META_KEY not in metadata:
         return {}
-    return json.loads(metadata[PARQUET_META_KEY])
+    try:
+        meta = json.loads(metadata[PARQUET_META_KEY])
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("schema", {}), dict):
+        raise TableError(f"{source}: malformed msda metadata in the Parquet file (not a JSON table with a schema)")
+    return meta
 
 
 def _kind_from_parquet(frame: pd.DataFrame, meta: dict, kind: Kind | None, source: str) -> Kind:
@@ -302,6 +320,23 @@ def _check_features(
                 f"{_rows(bad, frame.index)}"
             )
     feats = frame[names].to_numpy(dtype=np.float64)
+    inf = np.isinf(feats)
+    if inf.any():
+        rows = inf.any(axis=1)
+        raise TableError(
+            f"{source}: {int(rows.sum())} rows have infinite features (first in column "
+            f"{names[int(np.argmax(inf[np.argmax(rows)]))]!r}) at rows {_rows(rows, frame.index)}"
+        )
+    with np.errstate(invalid="ignore"):
+        far = (feats < -FAR_OUTSIDE) | (feats > 1 + FAR_OUTSIDE)
+    if far.any():
+        rows = far.any(axis=1)
+        r = int(np.argmax(rows))
+        c = int(np.argmax(far[r]))
+        raise TableError(
+            f"{source}: column {names[c]!r} holds {feats[r, c]:g} at row {frame.index[r]} ({int(rows.sum())} rows "
+            "far outside [0, 1]): features must be normalised (msda.FeatureSchema.normalise)"
+        )
     nan_rows = np.isnan(feats).any(axis=1)
     dropped = int(nan_rows.sum())
     if dropped:
@@ -317,6 +352,8 @@ def _check_features(
 
 def _validate(frame: pd.DataFrame, kind: Kind, schema: FeatureSchema, source: str, drop_nan: bool) -> Samples:
     frame = frame.reset_index(drop=True)
+    if frame.empty:
+        raise TableError(f"{source}: the table has no rows")
     missing_id = [c for c in REQUIRED_ID[kind] if c not in frame.columns]
     if TRUTH not in frame.columns:
         missing_id.append(TRUTH)
@@ -333,12 +370,16 @@ def _validate(frame: pd.DataFrame, kind: Kind, schema: FeatureSchema, source: st
             f"{int(bad.sum())} rows are not (e.g. {first!r}) at rows {_rows(bad, frame.index)}"
         )
     frame[TRUTH] = truth.astype(np.float64)
-    for c in ("r", "c"):
+    for c, size in (("r", GRID_9KM_ROWS), ("c", GRID_9KM_COLS)):
         v = pd.to_numeric(frame[c], errors="coerce")
-        if v.isna().any() or (v != np.round(v)).any():
-            raise TableError(f"{source}: column {c!r} must hold integer 9 km grid indices, rows {_rows(v.isna() | (v != np.round(v)), frame.index)}")
+        bad = v.isna() | (v != np.round(v)) | (v < 0) | (v >= size)
+        if bad.any():
+            raise TableError(
+                f"{source}: column {c!r} must hold 9 km EASE-2 grid indices (whole numbers in [0, {size})); "
+                f"{int(bad.sum())} rows do not (e.g. {frame.loc[bad, c].iloc[0]!r}) at rows {_rows(bad, frame.index)}"
+            )
         frame[c] = v.astype(np.int64)
-    frame["date"] = pd.to_datetime(frame["date"]).dt.normalize()
+    frame["date"] = _dates(frame["date"], source, frame.index)
     for c in ("network", "station"):
         if c in frame.columns:
             frame[c] = frame[c].astype(str)
@@ -358,6 +399,24 @@ def _validate(frame: pd.DataFrame, kind: Kind, schema: FeatureSchema, source: st
     return Samples(frame=frame, kind=kind, schema=schema, source=source, dropped_nan=dropped)
 
 
+def _dates(values: pd.Series, source: str, index: pd.Index) -> pd.Series:
+    """Dates (day resolution); one TableError naming the rows that are not dates."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        dates = values
+    else:
+        dates = pd.to_datetime(values, errors="coerce", format="mixed") if values.dtype == object else \
+            pd.to_datetime(values, errors="coerce")
+    bad = dates.isna()
+    if bad.any():
+        raise TableError(
+            f"{source}: column 'date' holds {int(bad.sum())} values that are not dates (e.g. "
+            f"{values[bad].iloc[0]!r}) at rows {_rows(bad, index)}"
+        )
+    if getattr(dates.dt, "tz", None) is not None:
+        dates = dates.dt.tz_localize(None)
+    return dates.dt.normalize()
+
+
 def samples_from_frame(
     frame: pd.DataFrame, kind: Kind, schema: FeatureSchema = DEFAULT_SCHEMA, drop_nan: bool = False
 ) -> Samples:
@@ -366,11 +425,15 @@ def samples_from_frame(
 
 
 # ----- writing ------------------------------------------------------------------------------
-def write_samples(samples: Samples, path: str | Path) -> Path:
-    """Write atomically: ``.csv`` in the authors' layout, ``.parquet`` in ours."""
+def write_samples(samples: Samples, path: str | Path, force: bool = False) -> Path:
+    """Write atomically: ``.csv`` in the authors' layout, ``.parquet`` in ours.
+
+    An existing ``path`` is replaced only when msda wrote it as a sample table (or ``force``);
+    never the table the samples were read from.
+    """
     path = Path(path)
     fmt = _format_of(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, "samples", inputs=(samples.source,), force=force) as tmp:
         if fmt == "csv":
             to_authors(samples).to_csv(tmp, index=samples.kind == "fine", float_format="%.9g")
         else:

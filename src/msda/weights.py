@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import pickle
 import platform
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from msda import __version__
 from msda.errors import WeightsError
 from msda.io import atomic_path
-from msda.model import DenseSM, DenseSME, MemberSpec
+from msda.model import MAX_MEMBERS, DenseSM, DenseSME, MemberSpec
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema
 
 FORMAT = "msda.densesm-e"
@@ -43,8 +44,12 @@ def provenance(**settings: Any) -> dict[str, Any]:
 
 
 # ----- our format ---------------------------------------------------------------------------
-def save_ensemble(ensemble: DenseSME, path: str | Path, provenance_info: dict[str, Any] | None = None) -> Path:
-    """Write ``path/`` with weights.safetensors and manifest.json, atomically."""
+def save_ensemble(ensemble: DenseSME, path: str | Path, provenance_info: dict[str, Any] | None = None,
+                  force: bool = False) -> Path:
+    """Write ``path/`` with weights.safetensors and manifest.json, atomically.
+
+    An existing ``path`` is replaced only when it holds msda weights (or ``force``).
+    """
     path = Path(path)
     tensors = {
         f"{spec.name}.{key}": value.detach().cpu().contiguous()
@@ -58,7 +63,7 @@ def save_ensemble(ensemble: DenseSME, path: str | Path, provenance_info: dict[st
         "members": [{"name": s.name, "depth": s.depth, "width": s.width} for s in ensemble.specs],
         "provenance": provenance_info if provenance_info is not None else provenance(),
     }
-    with atomic_path(path) as tmp:
+    with atomic_path(path, "weights", force=force) as tmp:
         tmp.mkdir()
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -72,10 +77,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except OSError as exc:
         raise WeightsError(f"{file}: cannot read manifest ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise WeightsError(f"{file}: manifest is not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise WeightsError(f"{file}: not an msda weights manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise WeightsError(f"{file}: not an msda weights manifest (format {found!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise WeightsError(f"{file}: format_version {version!r} is not one this msda reads ({FORMAT_VERSION})")
+    if not isinstance(manifest.get("schema"), dict):
+        raise WeightsError(f"{file}: no schema table in the manifest")
     return manifest
 
 
@@ -88,10 +99,17 @@ def _load_ours(path: Path, schema: FeatureSchema | None) -> DenseSME:
             f"{directory}: weights were trained with schema {recorded.name!r} "
             f"({recorded.n_features} features), not {schema.name!r} ({schema.n_features} features)"
         )
+    members = manifest.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise WeightsError(f"{directory / MANIFEST}: 'members' must be a non-empty list of {{name, depth, width}}")
+    if len(members) > MAX_MEMBERS:
+        raise WeightsError(f"{directory / MANIFEST}: {len(members)} members; at most {MAX_MEMBERS}")
     try:
-        specs = [MemberSpec(int(m["depth"]), int(m["width"])) for m in manifest["members"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WeightsError(f"{directory / MANIFEST}: malformed members list ({exc})") from None
+        specs = [MemberSpec(m["depth"], m["width"]) for m in members]
+    except KeyError as exc:
+        raise WeightsError(f"{directory / MANIFEST}: a member lacks {exc.args[0]!r}") from None
+    except WeightsError as exc:
+        raise WeightsError(f"{directory / MANIFEST}: {exc}") from None
     try:
         tensors = load_file(str(directory / TENSORS))
     except (OSError, SafetensorError) as exc:
@@ -115,7 +133,10 @@ def parse_member_file(path: Path) -> MemberSpec:
     m = _PAIR.search(path.stem)
     if not m:
         raise WeightsError(f"{path}: no '<depth>_<width>' pair in the file name (e.g. 'DenseSM_3_64.pt')")
-    return MemberSpec(int(m.group(1)), int(m.group(2)))
+    try:
+        return MemberSpec(int(m.group(1)), int(m.group(2)))
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc} (from the file name)") from None
 
 
 def _authors_state(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,6 +160,8 @@ def _load_authors(path: Path, schema: FeatureSchema | None) -> DenseSME:
     files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
     if not files:
         raise WeightsError(f"{path}: no .pt member files in this directory")
+    if len(files) > MAX_MEMBERS:
+        raise WeightsError(f"{path}: {len(files)} .pt member files; at most {MAX_MEMBERS}")
     specs = [parse_member_file(f) for f in files]
     order = sorted(range(len(files)), key=lambda i: (specs[i].depth, specs[i].width))
     files, specs = [files[i] for i in order], [specs[i] for i in order]
@@ -151,19 +174,25 @@ def _load_authors(path: Path, schema: FeatureSchema | None) -> DenseSME:
     for f, spec, member in zip(files, specs, ensemble.members):
         try:
             raw = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types
-            raise WeightsError(f"{f}: not a loadable PyTorch state dict ({type(exc).__name__}: {exc})") from None
-        if not isinstance(raw, dict):
-            raise WeightsError(f"{f}: expected a state dict, found {type(raw).__name__}")
+        except pickle.UnpicklingError:
+            raise WeightsError(
+                f"{f}: not a plain state dict of tensors: it holds other Python objects, which msda never "
+                "runs; do not trust this file"
+            ) from None
+        except Exception as exc:  # a cut or foreign file fails in many ways
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise WeightsError(f"{f}: not a readable PyTorch state dict ({reason})") from None
+        if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+            raise WeightsError(f"{f}: expected a state dict (names -> tensors), found {type(raw).__name__}")
         _load_member(member, _authors_state(raw), f"{f} (member {spec.name})")
     ensemble.provenance = {"source": "authors' .pt state dicts", "path": str(path)}  # type: ignore[attr-defined]
     return ensemble
 
 
-def save_authors(ensemble: DenseSME, directory: str | Path, prefix: str = "DenseSM") -> Path:
+def save_authors(ensemble: DenseSME, directory: str | Path, prefix: str = "DenseSM", force: bool = False) -> Path:
     """Write one ``<prefix>_<d>_<w>.pt`` state dict per member, as the authors' code reads them."""
     directory = Path(directory)
-    with atomic_path(directory) as tmp:
+    with atomic_path(directory, "weights", force=force) as tmp:
         tmp.mkdir()
         for spec, member in zip(ensemble.specs, ensemble.members):
             torch.save(member.state_dict(), tmp / f"{prefix}_{spec.depth}_{spec.width}.pt")
@@ -181,10 +210,19 @@ def _load_member(member: DenseSM, state: dict[str, torch.Tensor], where: str) ->
     if unexpected:
         raise WeightsError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
     for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
+        got = state[k]
+        if not isinstance(got, torch.Tensor):
+            raise WeightsError(f"{where}: key {k!r} is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(v.shape):
             raise WeightsError(
-                f"{where}: key {k!r} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}"
+                f"{where}: key {k!r} has shape {tuple(got.shape)}, the model expects {tuple(v.shape)}"
             )
+        if v.is_floating_point():
+            if not got.is_floating_point():
+                raise WeightsError(f"{where}: key {k!r} holds {got.dtype} values; weights must be floating point")
+            bad = int((~torch.isfinite(got)).sum())
+            if bad:
+                raise WeightsError(f"{where}: key {k!r} holds {bad} non-finite values (NaN or inf)")
     member.load_state_dict(state, strict=True)
 
 
@@ -202,4 +240,5 @@ def load_ensemble(path: str | Path, schema: FeatureSchema | None = None) -> Dens
         ensemble = _load_authors(path, schema)
     else:
         raise WeightsError(f"{path}: not a weights directory, .safetensors or .pt file")
+    ensemble.source = str(path)  # type: ignore[attr-defined]
     return ensemble.eval()

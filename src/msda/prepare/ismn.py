@@ -213,12 +213,12 @@ def read_ismn(
     return IsmnTables(stations.reset_index(drop=True), daily, settings)
 
 
-def write_ismn(tables: IsmnTables, out: str | Path) -> Path:
+def write_ismn(tables: IsmnTables, out: str | Path, force: bool = False) -> Path:
     """``out/stations.parquet``, ``out/daily.parquet`` and ``out/prepare.json``, atomically."""
     from msda.weights import provenance
 
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "ismn", inputs=(tables.settings.get("source"),), force=force) as tmp:
         tmp.mkdir()
         tables.stations.to_parquet(tmp / "stations.parquet", index=False)
         tables.daily.to_parquet(tmp / "daily.parquet", index=False)

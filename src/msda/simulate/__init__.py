@@ -16,7 +16,8 @@ FILES = {"parquet": ("fine.parquet", "coarse.parquet", "pretrain.parquet"),
          "csv": ("input_fine.csv", "input_9km.csv", "input_pretrain_9km.csv")}
 
 
-def write_benchmark(bench: Benchmark, out: str | Path, fmt: str = "parquet", plots: bool = False) -> Path:
+def write_benchmark(bench: Benchmark, out: str | Path, fmt: str = "parquet", plots: bool = False,
+                    force: bool = False) -> Path:
     """Write the three tables, the stations and the settings into ``out`` (atomically, as a folder)."""
     if fmt not in FILES:
         raise MsdaError(f"--format must be parquet or csv, got {fmt!r}")
@@ -25,7 +26,7 @@ def write_benchmark(bench: Benchmark, out: str | Path, fmt: str = "parquet", plo
         raise MsdaError(f"{out}: exists and is not a directory")
     from msda.weights import provenance
 
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "benchmark", force=force) as tmp:
         tmp.mkdir()
         for samples, name in zip((bench.fine, bench.coarse, bench.pretrain), FILES[fmt]):
             write_samples(samples, tmp / name)

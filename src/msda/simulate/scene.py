@@ -183,13 +183,13 @@ def simulate_scene(
     return ds.rio.write_crs(CRS)
 
 
-def write_scene(ds: xr.Dataset, path: str | Path) -> Path:
+def write_scene(ds: xr.Dataset, path: str | Path, force: bool = False) -> Path:
     """Write a scene atomically: a Zarr store (``.zarr``), a NetCDF file (``.nc``) or, for any
     other name, a folder of GeoTIFFs in the layout ``msda map`` reads."""
     from msda.io import atomic_path
 
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, "scene", force=force) as tmp:
         if path.suffix == ".zarr":
             ds.to_zarr(tmp, mode="w", consolidated=False)
         elif path.suffix == ".nc":
