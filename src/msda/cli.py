@@ -43,6 +43,13 @@ def _schema(path: Optional[Path]):
     return DEFAULT_SCHEMA if path is None else load_schema(path)
 
 
+def _scheduler(address: Optional[str]) -> None:
+    if address not in (None, "inline"):
+        from msda.runtime import check_scheduler_address
+
+        check_scheduler_address(address)
+
+
 def _networks(value: Optional[str]) -> Optional[list[str]]:
     return [n.strip() for n in value.split(",") if n.strip()] if value else None
 
@@ -385,6 +392,8 @@ def experiment(
     """Run the paper's evaluation: N x repeats x methods x alpha, statistics, figures, HTML report."""
     from msda.experiment import Inputs, Protocol, run_experiment
 
+    _scheduler(scheduler)
+    _out(out, "experiment", fine, coarse, weights, schema)
     changes = {k: v for k, v in {
         "network": network, "ns": _list(ns, int, "ns"), "repeats": repeats,
         "methods": _list(methods, str.lower, "methods") if methods else None,
@@ -645,6 +654,8 @@ def map_(
     """Map 50 m soil moisture: ensemble mean, member spread and a mask per date (Zarr, COG, PNG)."""
     from msda.mapping import make_map
 
+    _scheduler(scheduler)
+    _out(out, "map", weights, None if inputs == "demo" else inputs, training_table, force=force)
     scene_opts = dict(cells=_cells(cells), dates=dates, seed=seed) if inputs == "demo" else None
     s = make_map(weights, inputs, out, chunks=chunks, scheduler=scheduler, workers=workers, device=device,
                  ranges_table=training_table, previews=preview, cog=cog, scene=scene_opts,
@@ -670,6 +681,7 @@ def demo(
     """Run the main job on the embedded default data: benchmark, pretraining, quick experiment, report."""
     from msda.demo import run_demo
 
+    _scheduler(scheduler)
     run_demo(out, scale=scale, seed=seed, echo=typer.echo, pretrain_epochs=pretrain_epochs, scheduler=scheduler)
 
 
@@ -682,6 +694,17 @@ def _interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+def _one_line(exc: BaseException) -> tuple[str, int]:
+    """The error line and exit status of what stopped a command."""
+    if isinstance(exc, Interrupted):
+        return "interrupted; no partial output left (msda experiment keeps its finished fits)", 130
+    if isinstance(exc, OSError):  # the machine's answer (disk full, permissions): the file named
+        return (f"{exc.filename}: " if exc.filename else "") + str(exc.strerror or exc), 2
+    if isinstance(exc, MemoryError):
+        return "out of memory; use smaller --batch, --chunk-rows or --chunks", 2
+    return str(exc), 2
+
+
 def run() -> None:
     """Entry point: one line per user error (exit 2), full traceback with --debug; Ctrl-C and
     SIGTERM stop the command (exit 130) with nothing half-written left behind."""
@@ -692,16 +715,12 @@ def run() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
-    except MsdaError as exc:
+    except (MsdaError, Interrupted, OSError, MemoryError) as exc:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except Interrupted:
-        if _state["debug"]:
-            raise
-        typer.echo("error: interrupted; no partial output left (msda experiment keeps its finished fits)", err=True)
-        sys.exit(130)
+        line, status = _one_line(exc)
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ directory (``.msda-lock``); a second one leaves with a message naming the first.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import json
 import os
@@ -37,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msda.errors import MsdaError
-from msda.io import MARKER, atomic_path, check_output, output_folder
+from msda.io import atomic_path, check_output, file_fingerprint, output_folder
 from msda.metrics import METRICS, grouped_scores
 from msda.model import member_name
 from msda.tables import TRUTH, Samples
@@ -193,7 +192,8 @@ def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: s
 
     from msda.predict import predict
     from msda.runtime import tune_allocator
-    from msda.transfer import LossWeights, TrainSettings, adapt_problem, fit, resolve_device
+    from msda.runtime import resolve_device
+    from msda.transfer import LossWeights, TrainSettings, adapt_problem, fit
 
     path = Path(out) / "tasks" / f"{task.key}.parquet"
     if task_done(path):
@@ -253,27 +253,13 @@ def task_done(path: Path) -> bool:
 
 
 # ----- what a run depends on -----------------------------------------------------------------
-def fingerprint(path: str | Path) -> str:
-    """SHA-256 of a file's content, or of a folder's files (relative names and contents; msda's
-    markers and temporaries left out): the identity of an input, whatever its path or time."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if f != path:
-            rel = f.relative_to(path).as_posix()
-            if any(part.startswith(".") and ".msda-" in part or part == MARKER for part in rel.split("/")):
-                continue
-            digest.update(rel.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return "sha256:" + digest.hexdigest()
-
-
 def input_fingerprints(inputs: "Inputs") -> dict[str, str | None]:
-    return {k: (fingerprint(v) if v else None) for k, v in dataclasses.asdict(inputs).items()}
+    """What the fits depend on, by content: the tables' and schema's bytes, the weights' model
+    (tensors, schema and members; not when or how they were made)."""
+    from msda.weights import weights_fingerprint
+
+    return {k: None if not v else weights_fingerprint(v) if k == "weights" else file_fingerprint(v)
+            for k, v in dataclasses.asdict(inputs).items()}
 
 
 @contextmanager

@@ -18,6 +18,12 @@ TERMS = (("joint", "joint"), ("fine_50m", "50 m MSE"), ("coarse_9km", "9 km MSE"
          ("monitor_rmse", "target RMSE (ensemble)"))
 
 
+def plain(text: object) -> str:
+    """A user's name (station, network, folder) as literal figure text: ``$`` would start
+    matplotlib's TeX-like math mode, and an unbalanced or invalid formula stops the figure."""
+    return str(text).replace("$", r"\$")
+
+
 def loss_curves(losses: pd.DataFrame, out: Path, title: str = "") -> None:
     """One panel per loss term: each member thin, the member median thick, log scale."""
     terms = [(c, label) for c, label in TERMS if c in losses and losses[c].notna().any()]
@@ -31,7 +37,7 @@ def loss_curves(losses: pd.DataFrame, out: Path, title: str = "") -> None:
         ax.set_title(label)
     axes[0][0].legend(loc="upper right", fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(plain(title))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -87,6 +87,28 @@ def mark_output(path: str | Path, kind: str) -> None:
     _write_marker(_marker_file(Path(path)), kind)
 
 
+def file_fingerprint(path: str | Path, digest=None) -> str:
+    """``sha256:<hex>`` of a file's bytes (or of a folder's files, by relative name, msda's
+    markers and temporaries left out): an input's identity, wherever it lies."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256() if digest is None else digest
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = f.relative_to(path).as_posix()
+            if any(part == MARKER or (part.startswith(".") and ".msda-" in part) for part in rel.split("/")):
+                continue
+            digest.update(rel.encode() + b"\0")
+            file_fingerprint(f, digest)
+    else:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
 # ----- checks ---------------------------------------------------------------------------------
 def _resolved(path: str | Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
@@ -120,10 +142,11 @@ def check_output(path: str | Path, kind: str | None, inputs: Iterable[str | Path
         if _within(src, where):
             relation = "is" if src == where else "holds"
             raise OutputError(f"{path}: the output {relation} the input {item}; choose another output path")
-    if not os.path.lexists(where) or force:
+    here = Path(os.path.abspath(path))  # the path itself: a link is what would be replaced
+    if not os.path.lexists(here) or force:
         return path
-    is_dir = where.is_dir() and not path.is_symlink()
-    if is_dir and not any(os.scandir(where)):
+    is_dir = here.is_dir() and not here.is_symlink()
+    if is_dir and not any(os.scandir(here)):
         return path
     found = output_kind(path)
     if kind is None:

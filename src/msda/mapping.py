@@ -306,11 +306,12 @@ _PREDICT_LOCK = threading.Lock()  # one prediction at a time per process: torch 
 @functools.lru_cache(maxsize=2)
 def _engine(weights: str, device: str, compile: bool = False):
     """The fused ensemble of ``weights``, built once per process (each Dask worker has its own)."""
-    from msda.predict import FusedEnsemble, _resolve_device
+    from msda.predict import FusedEnsemble
+    from msda.runtime import resolve_device
     from msda.weights import load_ensemble
 
     ensemble = load_ensemble(weights)
-    return FusedEnsemble(ensemble.eval(), _resolve_device(device), compile=compile), ensemble.schema
+    return FusedEnsemble(ensemble.eval(), resolve_device(device), compile=compile), ensemble.schema
 
 
 def block_features(stack: Stack, schema: FeatureSchema, t: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -528,9 +529,9 @@ def make_map(
                 for b in blocks(stack, chunks)]
         if workers is None:  # on CPU PyTorch takes every core for each block: one block at a time keeps
             # memory flat, and reading is ~3 % of the time; a GPU predicts while the CPU reads the next
-            from msda.predict import _resolve_device
+            from msda.runtime import resolve_device
 
-            workers = 2 if _resolve_device(device).type == "cuda" else 1
+            workers = 2 if resolve_device(device).type == "cuda" else 1
         t0 = time.perf_counter()
         results = _run_tasks(jobs, scheduler, workers, progress)
         seconds = time.perf_counter() - t0
@@ -638,6 +639,8 @@ def draw_preview(store: Path, t: int, path: Path, title: str = "", max_pixels: i
     import matplotlib.pyplot as plt
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
+    from msda.figures import plain
+
     ds = open_zarr(store)
     ny, nx = ds.sizes["y"], ds.sizes["x"]
     step = max(1, int(np.ceil(max(ny, nx) / max_pixels)))
@@ -663,7 +666,7 @@ def draw_preview(store: Path, t: int, path: Path, title: str = "", max_pixels: i
         ax.set_yticks([])
     axes[0].set_title(f"soil moisture {day}")
     axes[1].set_title("uncertainty (grey: nodata; red outline: inputs out of range)")
-    fig.suptitle(f"msda map ({title}): {ny} x {nx} pixels of 50 m on the EASE-2 grid")
+    fig.suptitle(plain(f"msda map ({title}): {ny} x {nx} pixels of 50 m on the EASE-2 grid"))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from msda import native
 from msda.errors import MsdaError
 from msda.io import atomic_path, check_output
+from msda.runtime import resolve_device
 from msda.model import CONV_FILTERS, KERNEL, POOL_WINDOWS, DenseSM, DenseSME, pooled_length
 from msda.stacked import _pair_sum
 from msda.tables import iter_feature_chunks
@@ -240,13 +241,8 @@ class FusedEnsemble:
         return torch.stack([member(torch.cat((shared, conv[:, j]), dim=1)) for j, member in enumerate(self.dense)], 1)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MsdaError(f"device {device!r} asked for, but CUDA is not available here")
-    return dev
+class PredictionError(MsdaError):
+    """A prediction that is not a finite number."""
 
 
 def predict(
@@ -256,15 +252,18 @@ def predict(
     device: str | torch.device | None = "cpu",
     compile: bool = False,
     rows: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
 ) -> Prediction:
     """Predict normalised inputs x (n, n_features) in batches, without gradients.
 
-    ``rows``: predict only these rows of x (gathered batch by batch, no copy of x).
+    ``rows``: predict only these rows of x (gathered batch by batch, no copy of x). A
+    non-finite prediction is a PredictionError naming its rows (``labels``: their names, e.g.
+    row numbers of the table they came from).
     """
     engine = (
         ensemble
         if isinstance(ensemble, FusedEnsemble)
-        else FusedEnsemble(ensemble.eval(), _resolve_device(device), compile=compile)
+        else FusedEnsemble(ensemble.eval(), resolve_device(device), compile=compile)
     )
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
@@ -276,6 +275,16 @@ def predict(
         xb = xb.to(engine.device, non_blocking=True)
         outs.append(engine.member_outputs(xb).cpu())
     members = torch.cat(outs).numpy() if outs else np.empty((0, engine.n_members), np.float32)
+    bad = ~np.isfinite(members).all(axis=1)
+    if bad.any():
+        where = np.flatnonzero(bad) if rows is None else np.asarray(rows)[bad]
+        named = where if labels is None else np.asarray(labels)[where]
+        member = engine.names[int(np.argmax(~np.isfinite(members[np.argmax(bad)])))]
+        shown = ", ".join(str(v) for v in named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        raise PredictionError(
+            f"{int(bad.sum())} rows give non-finite predictions (first from member {member}) at rows {shown}: "
+            "check those inputs and the weights"
+        )
     return Prediction(
         mean=members.mean(axis=1),
         std=members.std(axis=1),
@@ -306,14 +315,17 @@ def predict_table(
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise MsdaError(f"{out}: output must end in .parquet or .csv")
     check_output(out, "predictions", (table,), force)
-    engine = FusedEnsemble(ensemble.eval(), _resolve_device(device), compile=compile)
+    engine = FusedEnsemble(ensemble.eval(), resolve_device(device), compile=compile)
     rows = 0
     with atomic_path(out, "predictions", inputs=(table,), force=force) as tmp:
         writer = None
         bar = tqdm(desc="predict", unit=" samples", disable=not progress)
         try:
             for ids, feats in iter_feature_chunks(table, ensemble.schema, chunk_rows, drop_nan):
-                pred = predict(engine, feats, batch_size=batch_size)
+                try:
+                    pred = predict(engine, feats, batch_size=batch_size, labels=ids.index.to_numpy())
+                except PredictionError as exc:
+                    raise PredictionError(f"{table}: {exc}") from None
                 frame = pd.concat([ids.reset_index(drop=True), pred.frame(with_members)], axis=1)
                 if out.suffix.lower() == ".csv":
                     frame.to_csv(tmp, mode="a", header=rows == 0, index=False, float_format="%.6g")

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from msda.figures import plain  # noqa: E402
 from msda.io import atomic_path  # noqa: E402
 from msda.metrics import scores  # noqa: E402
 
@@ -192,7 +193,7 @@ def fig_timeseries(out, runs, fine_frame, coarse_frame, truth_col, median, varia
         s = scores(truth, p[rows])
         ax.plot(dates[order], p[rows][order], "-", color=col[v], lw=1, label=f"{v} (RMSE {s['rmse']:.3f})")
     ax.set_ylabel("soil moisture (m$^3$/m$^3$)")
-    ax.set_title(f"{station} ({network}), a target station; N = {n}, repeat {rep}")
+    ax.set_title(plain(f"{station} ({network}), a target station; N = {n}, repeat {rep}"))
     ax.legend(fontsize=7, ncol=4)
     _save(fig, path)
 
@@ -209,9 +210,9 @@ def fig_networks(networks: pd.DataFrame, median: pd.DataFrame, network: str, pat
     for i, v in enumerate(variants):
         pv = sub[sub["variant"] == v].set_index("network").reindex(names)
         ax.bar(np.arange(len(names)) + (i - (len(variants) - 1) / 2) * width, pv["rmse"], width, color=col[v], label=v)
-    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_xticks(range(len(names)), [plain(n) for n in names], fontsize=8)
     ax.set_ylabel("RMSE (m$^3$/m$^3$)")
-    ax.set_title(f"inductive: models adapted on {network} with N = {n}, applied to the other networks")
+    ax.set_title(plain(f"inductive: models adapted on {network} with N = {n}, applied to the other networks"))
     ax.legend(fontsize=7)
     _save(fig, path)
 

@@ -133,3 +133,29 @@ def quiet_local_workers(client) -> None:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     client.register_plugin(IgnoreInterrupt())
+
+
+def resolve_device(device):
+    """``auto``/None -> cuda if available else cpu; ``cpu``, ``cuda``, ``cuda:N`` (and ``mps``
+    where present) checked against this machine: one MsdaError naming the value otherwise."""
+    import torch
+
+    from msda.errors import MsdaError
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MsdaError(f"--device {str(device)!r}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MsdaError(f"device {str(device)!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MsdaError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MsdaError(f"device {str(device)!r} asked for, but MPS is not available here")
+    elif dev.type != "cpu":
+        raise MsdaError(f"--device {str(device)!r}: msda runs on cpu, cuda or cuda:N")
+    return dev

@@ -29,7 +29,7 @@ from msda.errors import MsdaError
 from msda.losses import DOMAIN_LOSSES, mse
 from msda.model import DenseSME
 from msda.predict import FusedEnsemble
-from msda.runtime import tune_allocator
+from msda.runtime import resolve_device, tune_allocator
 from msda.schema import FeatureSchema
 from msda.stacked import PartedEnsemble, StackedEnsemble, member_cost
 from msda.tables import TRUTH, Samples
@@ -206,15 +206,6 @@ class FitResult:
     steps: int = 0
     device: str = "cpu"
     parts: int = 1  # the members were trained in this many parts (TrainSettings.parts)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TransferError(f"device {str(device)!r} asked for, but CUDA is not available here")
-    return dev
 
 
 @torch.no_grad()

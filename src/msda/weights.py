@@ -226,6 +226,28 @@ def _load_member(member: DenseSM, state: dict[str, torch.Tensor], where: str) ->
     member.load_state_dict(state, strict=True)
 
 
+def weights_fingerprint(path: str | Path) -> str:
+    """``sha256:<hex>`` of the model a weights path holds: our tensors with the manifest's schema
+    and members (not its provenance: the same model trained again gives the same fingerprint), or
+    the bytes of the authors' ``.pt`` files."""
+    import hashlib
+
+    from msda.io import file_fingerprint
+
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if (directory / MANIFEST).exists() and (path.is_dir() or path.suffix == ".safetensors" or path.name == MANIFEST):
+        manifest = read_manifest(directory)
+        digest = hashlib.sha256(json.dumps([manifest["schema"], manifest.get("members")], sort_keys=True).encode())
+        return file_fingerprint(directory / TENSORS, digest)
+    files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0")
+        file_fingerprint(f, digest)
+    return "sha256:" + digest.hexdigest()
+
+
 def load_ensemble(path: str | Path, schema: FeatureSchema | None = None) -> DenseSME:
     """Load DenseSM-E weights from our directory, the authors' directory of ``.pt``, or one file.
 
