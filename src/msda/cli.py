@@ -456,15 +456,12 @@ def prepare_smap(
     force: bool = ForceOpt,
 ) -> None:
     """SMAP L3 enhanced 9 km at the stations' cells: AM, PM corrected to AM, daily mean."""
-    import pandas as pd
-
     from msda.io import atomic_path
+    from msda.prepare.samples import read_table
     from msda.prepare.smap import extract_smap
 
     _out(out, "smap", input, stations, force=force)
-    if not stations.exists():
-        raise MsdaError(f"{stations}: no such station table")
-    st = pd.read_csv(stations) if stations.suffix.lower() == ".csv" else pd.read_parquet(stations)
+    st = read_table(stations, "station")
     missing = [c for c in ("r", "c") if c not in st]
     if missing:
         raise MsdaError(f"{stations}: no column {missing[0]!r} (9 km EASE-2 row/column)")
@@ -516,11 +513,11 @@ def prepare_static(
     """Area-weighted aggregation of rasters (SoilGrids, SRTM, ...) on the stations' EASE-2 cells."""
     from msda.io import atomic_path
     from msda.prepare.rasters import aggregate_at_stations
-    from msda.prepare.samples import read_table
+    from msda.prepare.samples import STATION_COLUMNS, read_table
 
     sources = (stations, *(s.partition("=")[2].split(":")[0] for s in raster))
     _out(out, "static", *sources, force=force)
-    st = read_table(stations, "stations")
+    st = read_table(stations, "stations", STATION_COLUMNS)
     table = st[[c for c in ("network", "station") if c in st]].copy()
     for spec in raster:
         name, sep, rest = spec.partition("=")
@@ -552,11 +549,11 @@ def prepare_series(
 
     from msda.io import atomic_path
     from msda.prepare.rasters import series_from_rasters
-    from msda.prepare.samples import read_table
+    from msda.prepare.samples import STATION_COLUMNS, read_table
 
     sources = [stations, *(f for s in raster for f in glob.glob(s.partition("=")[2]))]
     _out(out, "series", *sources, force=force)
-    st = read_table(stations, "stations")
+    st = read_table(stations, "stations", STATION_COLUMNS)
     table = None
     for spec in raster:
         name, sep, pattern = spec.partition("=")
@@ -586,10 +583,10 @@ def prepare_gee(
     """Earth Engine per-site inputs (needs msda[gee] and an account) for msda prepare samples."""
     from msda.io import atomic_path
     from msda.prepare import earthengine as gee
-    from msda.prepare.samples import read_table
+    from msda.prepare.samples import STATION_COLUMNS, read_table
 
     _out(out, "gee", stations, force=force)
-    st = read_table(stations, "stations")
+    st = read_table(stations, "stations", STATION_COLUMNS)
     gee.initialise(project)
     first, last = gee.default_period(start, end)
     tables = {"sar": gee.sentinel1(st, start, last, grid), "daily": gee.daily_series(st, first, last, grid),

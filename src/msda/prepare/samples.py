@@ -32,13 +32,24 @@ from msda.tables import Samples, samples_from_frame
 KEYS = ["network", "station"]
 
 
-def read_table(path: str | Path, what: str) -> pd.DataFrame:
-    """A CSV or Parquet table; ``what`` names it in errors."""
+STATION_COLUMNS = ("network", "station", "lon", "lat")
+
+
+def read_table(path: str | Path, what: str, need: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV or Parquet table; ``what`` names it in errors; ``need``: columns it must have."""
+    import pyarrow as pa
+
     path = Path(path)
     if not path.exists():
         raise PrepareError(f"{path}: no such {what} table")
-    frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    try:
+        frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    except (pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise PrepareError(f"{path}: not a readable {what} table ({str(exc).splitlines()[0][:200]})") from None
+    except OSError as exc:
+        raise PrepareError(f"{path}: cannot read the {what} table ({exc.strerror or exc})") from None
     frame.attrs["source"] = str(path)
+    _need(frame, list(need), what)
     return frame
 
 
