@@ -209,12 +209,17 @@ class FitResult:
 
 
 @torch.no_grad()
-def eq4_beta(ensemble: DenseSME, data: FitData, alpha: float, domain_loss: str, chunk: int = 8192) -> torch.Tensor:
-    """Eq. 4 per member: beta = alpha * MSE_50m / D(labeled, target), pretrained member, eval mode.
+def eq4_beta(ensemble: DenseSME, data: FitData, alpha: float, domain_loss: str, batch: int = 128,
+             seed: int = 0, chunk: int = 8192) -> torch.Tensor:
+    """Eq. 4 per member: beta = alpha * MSE_50m / D, pretrained member, eval mode.
 
-    Both terms use all labeled and all target samples, so that ``beta * D = alpha * MSE`` at the
-    start of training. A member whose D is 0 gets beta 0. Runs on the inference engine
-    (``FusedEnsemble``: batch norms folded, convolutions in C on CPU), on the data's device.
+    D is the domain loss as training sees it (METHOD.md section 5): the mean over one pass of
+    the labeled samples in batches of ``batch``, each against a batch of ``batch`` target samples
+    (drawn without replacement, as the training stream draws them), so that at the start
+    ``beta * E[D_batch] = alpha * MSE``. A covariance of 128 samples has a noise floor that the
+    domain loss of whole sets lacks, so a beta from whole sets would weigh the domain term
+    higher than Eq. 4 means. MSE is over all labeled samples. A member whose D is 0 gets beta
+    0. Runs on the inference engine (batch norms folded, convolutions in C on CPU).
     """
     if data.x_target is None:
         raise TransferError("beta = auto needs target samples")
@@ -227,7 +232,13 @@ def eq4_beta(ensemble: DenseSME, data: FitData, alpha: float, domain_loss: str, 
     y, f_s = run(data.x_labeled)
     _, f_t = run(data.x_target)
     fine = mse(y, data.y_labeled)
-    dom = DOMAIN_LOSSES[domain_loss](f_s.double(), f_t.double()).to(fine.dtype)
+    rng_lab, rng_tgt = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, 4]).spawn(2))
+    device = f_s.device
+    target = Stream(f_t.shape[1], rng_tgt, device)
+    loss = DOMAIN_LOSSES[domain_loss]
+    parts = [loss(f_s[:, idx].double(), f_t[:, target.take(batch)].double())
+             for idx in epoch_batches(f_s.shape[1], batch, rng_lab, device)]
+    dom = torch.stack(parts).mean(0).to(fine.dtype)
     return torch.where(dom > 0, alpha * fine / dom.clamp_min(torch.finfo(fine.dtype).tiny), torch.zeros_like(fine))
 
 
@@ -273,7 +284,8 @@ def fit(
         x_lab, y_lab = data.x_labeled.to(device), data.y_labeled.to(device)
         m = len(ensemble.specs)
         if weights.beta == "auto":
-            beta = eq4_beta(ensemble, FitData(x_lab, y_lab, x_target=data.x_target.to(device)), weights.alpha, weights.domain_loss)
+            beta = eq4_beta(ensemble, FitData(x_lab, y_lab, x_target=data.x_target.to(device)), weights.alpha,
+                            weights.domain_loss, settings.batch, settings.seed)
         else:
             beta = torch.full((m,), float(weights.beta), device=device)
         order = torch.tensor(stacked.order, device=device)
