@@ -155,3 +155,50 @@ def test_plots(tmp_path, bench):
 
     paths = draw_all(bench, tmp_path)
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_validation_statistics_on_known_data():
+    from types import SimpleNamespace
+
+    from msda.simulate.validate import REAL_WORLD, statistics, validate
+
+    dates = pd.date_range("2020-01-01", periods=20, freq="12D")
+    rng = np.random.default_rng(0)
+    rows = []
+    for st, (level, r) in {"a": (0.05, 300), "b": (0.25, 301), "c": (0.35, 302)}.items():
+        sm = level + 0.03 * np.sin(np.arange(20))
+        vv = 0.5 + 2.0 * sm + rng.normal(0, 0.01, 20)  # normalised VV: follows sm closely
+        vh = 0.5 + 2.0 * sm + rng.normal(0, 0.05, 20)  # VH: noisier, less sensitive
+        rows.append(pd.DataFrame({"network": "SCAN", "station": st, "r": r, "c": 700, "date": dates, "sm_m3m3": sm,
+                                  "vv": vv, "vh": vh}))
+    fine = pd.concat(rows, ignore_index=True)
+    coarse = fine[["r", "c", "date"]].assign(sm_m3m3=fine["sm_m3m3"] + 0.02 + 0.01 * np.cos(np.arange(60)))
+    days = 30
+    a = np.tile(np.linspace(0.1, 0.3, days)[:, None], (1, 3))
+    diag = {"station_sm_50m": a + 0.03 * np.sin(np.arange(days))[:, None], "station_sm_9km": a,
+            "within_cell_sd": np.array([0.01, 0.05, 0.06]), "looks_50m": 25.0}
+    bench = SimpleNamespace(fine=SimpleNamespace(frame=fine), coarse=SimpleNamespace(frame=coarse),
+                            stations=pd.DataFrame({"network": ["SCAN"] * 3}), diagnostics=diag)
+    got = statistics(bench)
+    means = fine.groupby("station")["sm_m3m3"].mean()
+    assert got["station_mean_sd"] == pytest.approx(means.std(ddof=1))
+    assert got["share_below_0.1"] == pytest.approx((fine["sm_m3m3"] < 0.1).mean())
+    assert got["median_sm"] == pytest.approx(fine["sm_m3m3"].median())
+    want_ub = np.std(0.01 * np.cos(np.arange(20)))  # the same in each station's 20 rows
+    assert got["insitu_smap_ubrmse"] == pytest.approx(want_ub, rel=0.2)
+    assert got["point_footprint_anomaly_error"] == pytest.approx(np.std(0.03 * np.sin(np.arange(days))), rel=1e-6)
+    assert got["within_cell_sd"] == pytest.approx(0.05)
+    assert got["vv_minus_vh_r"] > 0 and got["looks_50m"] == 25.0
+    table = validate(bench)
+    assert list(table["statistic"]) == [rw.name for rw in REAL_WORLD]
+    assert table.set_index("statistic").loc["within_cell_sd", "inside"]
+    assert (table["inside"] == ((table["generated"] >= table["lo"]) & (table["generated"] <= table["hi"]))).all()
+
+
+def test_benchmark_writes_its_validation(tmp_path):
+    bench = simulate(SimConfig(scale=0.03, seed=1, networks=("SCAN",), pretrain_cells=20))
+    write_benchmark(bench, tmp_path / "b")
+    record = json.loads((tmp_path / "b" / "validation.json").read_text())
+    names = [s["statistic"] for s in record["statistics"]]
+    assert "within_cell_sd" in names and all(isinstance(s["inside"], bool) for s in record["statistics"])
+    assert (tmp_path / "b" / "validation.png").stat().st_size > 10_000

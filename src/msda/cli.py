@@ -238,6 +238,7 @@ def simulate(
     networks: Optional[str] = typer.Option(None, help="Comma-separated networks (default: all seven)."),
     start: str = typer.Option("2016-01-01", help="First Sentinel-1 date."),
     end: str = typer.Option("2021-12-31", help="Last Sentinel-1 date."),
+    validate: bool = typer.Option(False, "--validate", help="Print the benchmark's statistics beside their real-world ranges (always written to validation.json/png)."),
     force: bool = ForceOpt,
 ) -> None:
     """Generate the synthetic CONUS benchmark: fine (50 m), coarse (9 km) and pretraining tables."""
@@ -254,6 +255,15 @@ def simulate(
         f"wrote {out}: {len(bench.stations)} stations, {len(bench.fine)} fine, {len(bench.coarse)} coarse, "
         f"{len(bench.pretrain)} pretraining samples in {time.perf_counter() - t0:.1f} s"
     )
+    if validate:
+        from msda.simulate.validate import validate as check
+
+        table = check(bench)
+        typer.echo(f"against real-world statistics ({int(table['inside'].sum())} of {len(table)} inside; "
+                   f"{out}/validation.png):")
+        for row in table.itertuples():
+            mark = "inside " if row.inside else "OUTSIDE"
+            typer.echo(f"  {mark} {row.statistic:<30} {row.generated:8.3f}  real [{row.lo:g}, {row.hi:g}]  {row.source}")
 
 
 def _members(widths: str, depths: str):

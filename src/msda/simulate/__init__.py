@@ -10,10 +10,21 @@ from msda.io import atomic_path
 from msda.simulate.generator import NETWORKS, Benchmark, SimConfig, simulate
 from msda.tables import write_samples
 
-__all__ = ["NETWORKS", "Benchmark", "SimConfig", "simulate", "write_benchmark"]
+__all__ = ["NETWORKS", "Benchmark", "SimConfig", "simulate", "write_benchmark", "write_validation"]
 
 FILES = {"parquet": ("fine.parquet", "coarse.parquet", "pretrain.parquet"),
          "csv": ("input_fine.csv", "input_9km.csv", "input_pretrain_9km.csv")}
+
+
+def write_validation(bench: Benchmark, folder: Path):
+    """``validation.json`` and ``validation.png``: the benchmark against real-world statistics."""
+    from msda.simulate.validate import draw_validation, validate
+
+    table = validate(bench)
+    records = json.loads(table.to_json(orient="records"))
+    (folder / "validation.json").write_text(json.dumps({"network": "SCAN", "statistics": records}, indent=2))
+    draw_validation(table, folder / "validation.png")
+    return table
 
 
 def write_benchmark(bench: Benchmark, out: str | Path, fmt: str = "parquet", plots: bool = False,
@@ -35,6 +46,7 @@ def write_benchmark(bench: Benchmark, out: str | Path, fmt: str = "parquet", plo
         meta["counts"] = {"fine": len(bench.fine), "coarse": len(bench.coarse), "pretrain": len(bench.pretrain),
                           "stations": len(bench.stations)}
         (tmp / "settings.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_validation(bench, tmp)
         if plots:
             from msda.simulate.plots import draw_all
 

@@ -24,6 +24,7 @@ STEPS, STEP_DAYS = 46, 8
 HISTORY_DAYS = STEPS * STEP_DAYS  # 368 days of 8-day series before each acquisition
 SPINUP_DAYS = 120
 SUBCELLS = 8  # 50 m cells sampled inside each 9 km cell (besides the stations' own)
+LOOKS_50M = 4.4 * 25  # equivalent looks of a 50 m Sentinel-1 cell as generated
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Benchmark:
     stations: pd.DataFrame
     config: SimConfig
     series: dict[str, pd.DataFrame] = field(default_factory=dict)  # daily series for plots
+    diagnostics: dict[str, object] = field(default_factory=dict)  # what only the generator sees (validation)
 
 
 # A coarse outline of the conterminous US (lon, lat): stations and cells fall on land
@@ -439,7 +441,7 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
     si, sd, sa = np.concatenate(rows_st), np.concatenate(rows_d), np.concatenate(rows_a)
     sub = station_sub[si]
     vv, vh = sar(sub, sd, sa)
-    looks_50m = 4.4 * 25  # S1 GRD ENL ~4.4 per 10 m pixel, 25 pixels in 50 m
+    looks_50m = LOOKS_50M
     vv, vh = vv * speckle(len(sub), looks_50m), vh * speckle(len(sub), looks_50m)
     soil = {"sand": sand[sub] * 10, "clay": clay[sub] * 10, "bulk_density": bulk[sub], "elevation": elev[sub],
             "slope": slope[sub], "aspect_deg": aspect[sub]}
@@ -511,4 +513,11 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
     }).assign(station=stations.at[i0, "station"])}
     stations = stations.assign(sand_pct=sand[station_sub], clay_pct=clay[station_sub], porosity=hyd["porosity"][station_sub],
                                annual_precip_mm=precip[first:, st_cell].sum(0) / n_years)
-    return Benchmark(fine, coarse, pretrain, stations, cfg, series)
+    inside = sm[first:, : n_cells * SUBCELLS].reshape(len(days) - first, n_cells, SUBCELLS)
+    diagnostics = {
+        "within_cell_sd": inside.std(axis=2, ddof=1).mean(axis=0),  # per 9 km cell, mean over days
+        "station_sm_50m": sm[first:, station_sub],  # (days, stations): each station's 50 m cell
+        "station_sm_9km": cell_mean[first:, st_cell],  # (days, stations): its 9 km footprint mean
+        "looks_50m": LOOKS_50M,
+    }
+    return Benchmark(fine, coarse, pretrain, stations, cfg, series, diagnostics)
