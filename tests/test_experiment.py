@@ -119,6 +119,25 @@ def test_report_and_results(done):
         assert (out / "results" / f"{name}.parquet").exists()
     record = json.loads((out / "protocol.json").read_text())
     assert record["protocol"]["epochs"] == 1 and "torch" in record
+    assert "Take-home." in html and "Lowest median-run RMSE" in html
+    assert "<b>Transductive</b>" in html and "<b>ubRMSE</b>" in html
+    assert '"fingerprints"' not in html and "&quot;protocol&quot;" not in html  # no raw JSON dump
+    regions = pd.read_parquet(out / "results" / "regions.parquet")
+    lon = regions[regions["kind"] == "longitude"]["range"]
+    assert lon.str.fullmatch(r"\d+\.\d\u00b0W to \d+\.\d\u00b0W").all(), lon.unique()
+
+
+def test_take_home_names_the_best_and_its_significance():
+    from msda.report import take_home
+
+    median = pd.DataFrame({"variant": ["msda (0.7)", "finetune", "msda (0.7)", "finetune"], "n": [1, 1, 5, 5],
+                           "rmse": [0.08, 0.10, 0.07, 0.069]})
+    tt = pd.DataFrame({"n": [1, 5], "a": ["finetune", "finetune"], "b": ["msda (0.7)", "msda (0.7)"],
+                       "p": [0.001, 0.4]})
+    text = take_home(median, tt)
+    assert text.startswith("Lowest median-run RMSE on the target stations: msda (0.7) at N = 1; finetune at N = 5.")
+    assert "significant at N = 1 (over finetune, p = 0.001)" in text
+    assert "not at N = 5 (over msda (0.7), p = 0.4)" in text
 
 
 def test_resume_redoes_only_missing_fits(done):

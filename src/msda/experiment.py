@@ -492,9 +492,15 @@ def station_table(fine: Samples) -> pd.DataFrame:
 
 
 def _strip_bounds(st: pd.DataFrame, col: str, strip: str) -> dict[int, str]:
+    """Each strip's range as people read it: 124.5-110.2\u00b0W, 25.1-31.0\u00b0N."""
     g = st.groupby(strip)[col].agg(["min", "max"])
-    unit = "E" if col == "lon" else "N"
-    return {int(i): f"{r['min']:.1f} to {r['max']:.1f} {unit}" for i, r in g.iterrows()}
+
+    def deg(v: float) -> str:
+        if col == "lat":
+            return f"{abs(v):.1f}\u00b0{'N' if v >= 0 else 'S'}"
+        return f"{abs(v):.1f}\u00b0{'W' if v < 0 else 'E'}"
+
+    return {int(i): f"{deg(r['min'])} to {deg(r['max'])}" for i, r in g.iterrows()}
 
 
 def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks: list[Task]) -> dict[str, pd.DataFrame]:

@@ -51,7 +51,8 @@ def target_scatter(target: pd.DataFrame, out: Path, method: str) -> None:
     for ax, (col, name) in zip(axes, (("pretrained", "pretrained"), ("adapted", method))):
         pred = target[col].to_numpy()
         s = scores(truth, pred)
-        ax.hexbin(truth, pred, gridsize=60, extent=(0, hi, 0, hi), bins="log", mincnt=1, cmap="viridis")
+        hb = ax.hexbin(truth, pred, gridsize=60, extent=(0, hi, 0, hi), bins="log", mincnt=1, cmap="viridis")
+        fig.colorbar(hb, ax=ax, label="samples per cell", shrink=0.85)
         ax.plot([0, hi], [0, hi], "k--", lw=0.8)
         ax.set_title(f"{name}: RMSE {s['rmse']:.3f}, R {s['r']:.2f}, bias {s['bias']:+.3f}", fontsize=9)
         ax.set_xlabel("in situ (m$^3$/m$^3$)")

@@ -33,6 +33,48 @@ FIGURES = (
 )
 
 
+def degrees_lon(lon: float, digits: int = 0) -> str:
+    """A longitude as people read it: 98.5\u00b0W, 12\u00b0E."""
+    return f"{abs(lon):.{digits}f}\u00b0{'W' if lon < 0 else 'E' if lon > 0 else ''}"
+
+
+DEFINITIONS = (
+    "<b>Transductive</b>: the network adapted to; N of its stations train the model and the others, never "
+    "seen in training, are the target and test set. <b>Inductive</b>: the adapted model applied unchanged to "
+    "the other networks. <b>ubRMSE</b>: the RMSE after removing the mean bias, sqrt(RMSE<sup>2</sup> - "
+    "bias<sup>2</sup>). Each method's figure at N is its <b>median run</b> over the station draws (the lower "
+    "median by transductive RMSE); differences are paired t-tests of RMSE over the same draws."
+)
+
+
+def take_home(median: pd.DataFrame, ttests: pd.DataFrame, alpha: float = 0.05) -> str:
+    """One or two sentences from the results: the best method per N by median-run RMSE, and
+    whether its margin over the runner-up is significant (paired t-test over repeats)."""
+    if median.empty:
+        return "No fit has finished yet."
+    best_at: dict[str, list[int]] = {}
+    sig, not_sig = [], []
+    for n, g in median.groupby("n", sort=True):
+        g = g.sort_values("rmse")
+        best = g.iloc[0]["variant"]
+        best_at.setdefault(best, []).append(int(n))
+        if len(g) < 2:
+            continue
+        second = g.iloc[1]["variant"]
+        pair = ttests[(ttests["n"] == n) & (((ttests["a"] == best) & (ttests["b"] == second))
+                                            | ((ttests["a"] == second) & (ttests["b"] == best)))] if not ttests.empty else ttests
+        p = float(pair["p"].iloc[0]) if len(pair) else np.nan
+        (sig if p < alpha else not_sig).append(f"{int(n)} (over {second}, p = {p:.2g})" if np.isfinite(p)
+                                               else f"{int(n)} (over {second}, no test)")
+    first = "; ".join(f"{v} at N = {', '.join(map(str, ns))}" for v, ns in
+                      sorted(best_at.items(), key=lambda kv: -len(kv[1])))
+    text = f"Lowest median-run RMSE on the target stations: {first}."
+    if sig or not_sig:
+        text += (f" The margin over the runner-up is significant at N = {'; '.join(sig) or 'none'}"
+                 + (f", and not at N = {'; '.join(not_sig)}." if not_sig else "."))
+    return text
+
+
 def _colours(variants: list[str]) -> dict[str, str]:
     return {v: f"C{i}" for i, v in enumerate(variants)}
 
@@ -107,10 +149,11 @@ def fig_scatter(out: Path, fine_truth: np.ndarray, trans_rows, median: pd.DataFr
         rows = trans_rows(int(row["n"]), int(row["median_repeat"]))
         t, p = fine_truth[rows], pred[rows]
         s = scores(t, p)
-        ax.hexbin(t, p, gridsize=50, extent=(0, hi, 0, hi), bins="log", mincnt=1, cmap="viridis")
+        hb = ax.hexbin(t, p, gridsize=50, extent=(0, hi, 0, hi), bins="log", mincnt=1, cmap="viridis")
         ax.plot([0, hi], [0, hi], "k--", lw=0.8)
         ax.set_title(f"N = {int(row['n'])}: RMSE {s['rmse']:.3f}, R {s['r']:.2f}", fontsize=9)
         ax.set_xlabel("in situ (m$^3$/m$^3$)")
+        fig.colorbar(hb, ax=ax, label="samples per cell", shrink=0.85)
     for r in range(nrow):
         axes[r][0].set_ylabel(f"{variant} (m$^3$/m$^3$)")
     _save(fig, path)
@@ -136,7 +179,7 @@ def fig_regions(regions: pd.DataFrame, median: pd.DataFrame, path: Path) -> None
             ax.bar(pv["strip"] + (i - (len(variants) - 1) / 2) * width, pv["rmse"], width, color=col[v], label=v)
         ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
         if len(part):
-            ax.set_ylim(0.85 * float(part["rmse"].min()), 1.05 * float(part["rmse"].max()))
+            ax.set_ylim(0, 1.08 * float(part["rmse"].max()))
         ax.set_title(f"{kind} strips, N = {n}")
         ax.set_ylabel("RMSE (m$^3$/m$^3$)")
     axes[0].legend(fontsize=7)
@@ -156,8 +199,9 @@ def fig_station_map(stations: pd.DataFrame, median: pd.DataFrame, st_info: pd.Da
         tr = st_info[st_info["station"].isin(train)]
         ax.scatter(tr["lon"], tr["lat"], marker="x", color="k", s=30, label="training stations")
         ax.set_title(f"{v}, N = {n}: station RMSE, mean {pv['rmse'].mean():.3f}", fontsize=9)
+        ax.xaxis.set_major_formatter(lambda x, _: degrees_lon(x))
         ax.set_xlabel("longitude")
-        ax.set_ylabel("latitude")
+        ax.set_ylabel("latitude (\u00b0N)")
         ax.set_aspect(1.25)
         fig.colorbar(sc, ax=ax, label="RMSE (m$^3$/m$^3$)", shrink=0.85)
         ax.legend(fontsize=7, loc="lower left")
@@ -278,6 +322,7 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> Pa
     n_tasks = len(list((out / "tasks").glob("*.parquet")))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>msda experiment</title><style>",
+        ".take{font-size:17px;background:#eef5ff;border:1px solid #9bbce6;padding:0.6em 1em}"
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
         "table.t{border-collapse:collapse;font-size:13px;margin:0.5em 0}"
         ".t td,.t th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
@@ -285,6 +330,8 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> Pa
         "img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}",
         "</style></head><body>",
         f"<h1>msda experiment: {html.escape(proto['network'])}, transductive and inductive</h1>",
+        f"<p class='take'><b>Take-home.</b> {html.escape(take_home(median, tt))}</p>",
+        f"<p>{DEFINITIONS}</p>",
     ]
     if proto.get("quick"):
         parts.append("<p class='quick'><b>Quick run</b> (demo): fewer members, epochs, N values and repeats than "
@@ -324,7 +371,13 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> Pa
     for name, title, caption, path in figures:
         parts.append(f"<figure><h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,{_img(path)}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts.append(f"<h2>Run record</h2><pre>{html.escape(json.dumps(record, indent=1, default=str))}</pre></body></html>")
+    fingerprints = record.get("fingerprints") or {}
+    made = pd.DataFrame([{"input": k, "path": v, "sha256": str(fingerprints.get(k) or "")[7:23]}
+                         for k, v in record["inputs"].items() if v])
+    parts += ["<h2>Run record</h2>", _table(made),
+              f"<p>Members: {html.escape(', '.join(record.get('members', [])))}. msda {record.get('msda')}, torch "
+              f"{record.get('torch')}, Python {record.get('python')}; <code>protocol.json</code> holds the whole "
+              "record.</p></body></html>"]
     target = out / "report.html"
     with atomic_path(target) as tmp:
         tmp.write_text("\n".join(parts))
