@@ -324,3 +324,17 @@ def test_dense_blocks_function_equals_autograd():
     for u, v in zip(sa, sr):
         torch.testing.assert_close(u, v)
     assert a[2][0, :, : 32 * 2].abs().max() == 0  # the depth-1 member's padded bottleneck columns get no gradient
+
+
+def test_training_kernels_decline_other_architectures():
+    """The C training kernels are written for filters (32, 16, 4), kernel 5 and pools (2, 2, 4);
+    any other architecture must fall back to PyTorch rather than run them (kernel 7 ran silently
+    wrong before)."""
+    from msda import native
+
+    patches = torch.zeros(46 * 4, 3 * 5)
+    assert native.train_supported(patches, 46, (32, 16, 4), 5, (2, 2, 4))
+    assert not native.train_supported(patches, 46, (32, 16, 4), 7, (2, 2, 4))
+    assert not native.train_supported(patches, 46, (32, 16, 8), 5, (2, 2, 4))
+    assert not native.train_supported(patches, 46, (32, 16, 4), 5, (2, 2, 2))
+    assert not native.train_supported(patches.double(), 46, (32, 16, 4), 5, (2, 2, 4))

@@ -210,9 +210,11 @@ def _mean_var(sums: torch.Tensor, count: int) -> torch.Tensor:
     return torch.stack((total[0], (total[1] - total[0].square()).clamp_min(0.0)))
 
 
-def train_supported(patches: torch.Tensor, length: int) -> bool:
-    """Whether ``conv12_forward``/``conv12_backward`` take these windows (else the caller uses PyTorch)."""
-    return (patches.device.type == "cpu" and patches.dtype == torch.float32 and patches.shape[1] <= MAX_WINDOW
+def train_supported(patches: torch.Tensor, length: int, filters: tuple, kernel: int, pools: tuple) -> bool:
+    """Whether the C training kernels compute this architecture and take these windows (else the
+    caller uses PyTorch): the same filters, kernel and pools as the kernels are written for."""
+    return (tuple(filters) == FILTERS and kernel == KERNEL and tuple(pools) == POOLS
+            and patches.device.type == "cpu" and patches.dtype == torch.float32 and patches.shape[1] <= MAX_WINDOW
             and 2 <= length <= MAX_LENGTH)
 
 

@@ -749,10 +749,11 @@ class StackedEnsemble(nn.Module):
         """The C training kernels, or None (PyTorch operations)."""
         if self.native is False:
             return None
-        lib = native.conv_stage_library() if native.train_supported(patches, self.length) else None
+        covered = native.train_supported(patches, self.length, CONV_FILTERS, KERNEL, POOL_WINDOWS)
+        lib = native.conv_stage_library() if covered else None
         if lib is None and self.native:
-            raise MsdaError("native=True: the C convolutions need a float32 model on CPU, series of "
-                            f"2-{native.MAX_LENGTH} steps and a C compiler (see msda/native.py)")
+            raise MsdaError("native=True: the C convolutions need the default convolution architecture, a float32 "
+                            f"model on CPU, series of 2-{native.MAX_LENGTH} steps and a C compiler (see msda/native.py)")
         return lib
 
     def _conv_stage(self, patches: torch.Tensor, stats, training: bool, part: slice, lib=None) -> torch.Tensor:
