@@ -62,3 +62,13 @@ def test_weights_init_and_schema_write(tmp_path):
     assert r.exit_code == 0
     r = runner.invoke(app, ["schema", "show", str(tmp_path / "s.yaml")])
     assert "153 columns" in r.output and "sin(2 pi doy/365)" in r.output
+
+
+def test_progress_bars_do_not_flood_a_log(tmp_path, coarse):
+    write_samples(coarse, tmp_path / "c.parquet")
+    proc = subprocess.run([sys.executable, "-m", "msda.cli", "pretrain", "--samples", str(tmp_path / "c.parquet"),
+                           "--out", str(tmp_path / "w"), "--widths", "8", "--depths", "1", "--epochs", "40",
+                           "--batch", "4"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    updates = [s for s in proc.stderr.replace("\r", "\n").splitlines() if "pretrain" in s]
+    assert 1 <= len(updates) <= 6, len(updates)  # 240 steps: the first and last lines, not one per step

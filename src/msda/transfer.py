@@ -362,7 +362,7 @@ def fit(
                             "seconds": secs,
                         }
                     )
-                bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{means[0].mean():.4g}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{means[0].mean():.4g}", refresh=False)
                 if epoch >= first_avg:
                     averager.update(stacked.state_dict())
                 if monitor is not None and monitor_every > 0 and (epoch + 1) % monitor_every == 0:
