@@ -715,11 +715,8 @@ def _one_line(exc: BaseException) -> tuple[str, int]:
 def run() -> None:
     """Entry point: one line per user error (exit 2), full traceback with --debug; Ctrl-C and
     SIGTERM stop the command (exit 130) with nothing half-written left behind."""
-    import os
     import signal
 
-    if not sys.stderr.isatty():  # a log file, not a terminal: a progress line every 30 s, not ten a second
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
     # also where a shell started msda as a background job, with SIGINT ignored
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from msda.errors import MsdaError
 from msda.io import atomic_path, check_output, file_fingerprint, output_folder
 from msda.metrics import METRICS, grouped_scores
+from msda.runtime import bar_interval
 from msda.model import member_name
 from msda.tables import TRUTH, Samples
 
@@ -424,7 +425,7 @@ def rescore(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], Path]:
 
 
 def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress, tqdm) -> None:
-    bar = tqdm(total=len(todo), desc="experiment", unit=" fits", disable=not progress)
+    bar = tqdm(total=len(todo), desc="experiment", unit=" fits", disable=not progress, mininterval=bar_interval())
     # repeat by repeat, so that a run stopped early has every N for its first repeats; within a
     # repeat the costly fits first, so that the cluster does not end waiting on one large N
     todo = sorted(todo, key=lambda t: (t.repeat, -t.n))

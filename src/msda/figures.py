@@ -24,6 +24,15 @@ def plain(text: object) -> str:
     return str(text).replace("$", r"\$")
 
 
+def count_colorbar(fig, ax, mappable, label: str = "samples per cell") -> None:
+    """A colour bar of the counts a hexbin or hist2d drew, where it drew any (a log scale of an
+    empty or one-valued plot has no range)."""
+    counts = np.asarray(mappable.get_array(), dtype=float)
+    counts = counts[np.isfinite(counts)]
+    if counts.size and counts.max() > counts.min():
+        fig.colorbar(mappable, ax=ax, label=label, shrink=0.85)
+
+
 def loss_curves(losses: pd.DataFrame, out: Path, title: str = "") -> None:
     """One panel per loss term: each member thin, the member median thick, log scale."""
     terms = [(c, label) for c, label in TERMS if c in losses and losses[c].notna().any()]
@@ -52,7 +61,7 @@ def target_scatter(target: pd.DataFrame, out: Path, method: str) -> None:
         pred = target[col].to_numpy()
         s = scores(truth, pred)
         hb = ax.hexbin(truth, pred, gridsize=60, extent=(0, hi, 0, hi), bins="log", mincnt=1, cmap="viridis")
-        fig.colorbar(hb, ax=ax, label="samples per cell", shrink=0.85)
+        count_colorbar(fig, ax, hb)
         ax.plot([0, hi], [0, hi], "k--", lw=0.8)
         ax.set_title(f"{name}: RMSE {s['rmse']:.3f}, R {s['r']:.2f}, bias {s['bias']:+.3f}", fontsize=9)
         ax.set_xlabel("in situ (m$^3$/m$^3$)")

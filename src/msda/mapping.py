@@ -41,7 +41,7 @@ import pandas as pd
 from msda.errors import MsdaError
 from msda.grids import CRS, EASE2_UL_X, EASE2_UL_Y, GRID_9KM, GRID_50M
 from msda.io import atomic_path, check_output
-from msda.runtime import release_memory
+from msda.runtime import bar_interval, release_memory
 from msda.schema import FeatureSchema
 
 NODATA, OUT_OF_RANGE, OUT_OF_TRAINING = 1, 2, 4
@@ -461,14 +461,15 @@ def _run_tasks(tasks: list, scheduler: str | None, workers: int | None, progress
         with connect_scheduler(scheduler) as client:
             futures = client.compute(tasks)
             results = []
-            with tqdm(total=len(tasks), desc="map", unit=" blocks", disable=not progress) as bar:
+            with tqdm(total=len(tasks), desc="map", unit=" blocks", disable=not progress,
+                      mininterval=bar_interval()) as bar:
                 for fut in as_completed(futures):
                     results.append(fut.result())
                     bar.update()
             return results
     from tqdm.dask import TqdmCallback
 
-    with TqdmCallback(desc="map", unit=" blocks", disable=not progress):
+    with TqdmCallback(desc="map", unit=" blocks", disable=not progress, mininterval=bar_interval()):
         return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from msda import native
 from msda.errors import MsdaError
 from msda.io import atomic_path, check_output
-from msda.runtime import resolve_device
+from msda.runtime import bar_interval, resolve_device
 from msda.model import CONV_FILTERS, KERNEL, POOL_WINDOWS, DenseSM, DenseSME, pooled_length
 from msda.stacked import _pair_sum
 from msda.tables import iter_feature_chunks
@@ -319,7 +319,7 @@ def predict_table(
     rows = 0
     with atomic_path(out, "predictions", inputs=(table,), force=force) as tmp:
         writer = None
-        bar = tqdm(desc="predict", unit=" samples", disable=not progress)
+        bar = tqdm(desc="predict", unit=" samples", disable=not progress, mininterval=bar_interval())
         try:
             for ids, feats in iter_feature_chunks(table, ensemble.schema, chunk_rows, drop_nan):
                 try:

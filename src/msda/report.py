@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from msda.figures import plain  # noqa: E402
+from msda.figures import count_colorbar, plain  # noqa: E402
 from msda.io import atomic_path  # noqa: E402
 from msda.metrics import scores  # noqa: E402
 
@@ -153,7 +153,7 @@ def fig_scatter(out: Path, fine_truth: np.ndarray, trans_rows, median: pd.DataFr
         ax.plot([0, hi], [0, hi], "k--", lw=0.8)
         ax.set_title(f"N = {int(row['n'])}: RMSE {s['rmse']:.3f}, R {s['r']:.2f}", fontsize=9)
         ax.set_xlabel("in situ (m$^3$/m$^3$)")
-        fig.colorbar(hb, ax=ax, label="samples per cell", shrink=0.85)
+        count_colorbar(fig, ax, hb)
     for r in range(nrow):
         axes[r][0].set_ylabel(f"{variant} (m$^3$/m$^3$)")
     _save(fig, path)

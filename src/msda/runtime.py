@@ -61,6 +61,15 @@ def tune_allocator() -> bool:
     return ok
 
 
+def bar_interval() -> float:
+    """Seconds between progress-bar updates: 0.1 on a terminal, 30 in a log (stderr not a tty),
+    so that a long run writes a line every half minute instead of ten a second."""
+    try:
+        return 0.1 if sys.stderr.isatty() else 30.0
+    except (AttributeError, ValueError):  # stderr closed or replaced
+        return 30.0
+
+
 def scheduler_timeout() -> float:
     """Seconds to connect to a Dask scheduler and finish its handshake (Dask's
     ``distributed.comm.timeouts.connect``, 30 s by default)."""

@@ -29,7 +29,7 @@ from msda.errors import MsdaError
 from msda.losses import DOMAIN_LOSSES, mse
 from msda.model import DenseSME
 from msda.predict import FusedEnsemble
-from msda.runtime import resolve_device, tune_allocator
+from msda.runtime import bar_interval, resolve_device, tune_allocator
 from msda.schema import FeatureSchema
 from msda.stacked import PartedEnsemble, StackedEnsemble, member_cost
 from msda.tables import TRUTH, Samples
@@ -335,6 +335,7 @@ def fit(
             desc=f"{description}: {m} members",
             unit=" steps",
             disable=not progress,
+            mininterval=bar_interval(),
         )
         stacked.train()
         try:

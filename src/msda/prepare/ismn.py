@@ -110,6 +110,8 @@ def read_ismn(
     """Read an ISMN download; see the module docstring for the selection and averaging."""
     from tqdm.auto import tqdm
 
+    from msda.runtime import bar_interval
+
     path = Path(path)
     if not path.exists():
         raise PrepareError(f"{path}: no such ISMN download (zip or folder)")
@@ -163,7 +165,8 @@ def read_ismn(
             )
 
         daily_parts, flag_counts, n_in = [], Counter(), 0
-        for _, s in tqdm(surface.iterrows(), total=len(surface), desc="ISMN sensors", disable=not progress):
+        for _, s in tqdm(surface.iterrows(), total=len(surface), desc="ISMN sensors", disable=not progress,
+                         mininterval=bar_interval()):
             data = ds.read_ts(int(s["idx"]))
             n_in += len(data)
             flag_counts.update(data["soil_moisture_flag"].astype(str))

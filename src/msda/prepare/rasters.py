@@ -162,12 +162,15 @@ def series_from_rasters(
     """
     from tqdm.auto import tqdm
 
+    from msda.runtime import bar_interval
+
     if not files:
         raise PrepareError(f"no raster files for {name!r}")
     g = _grid(grid)
     rows, cols = g.lonlat_to_rowcol(stations["lon"].to_numpy(), stations["lat"].to_numpy())
     parts = []
-    for path in tqdm(sorted(map(str, files)), desc=name, unit=" rasters", disable=not progress):
+    for path in tqdm(sorted(map(str, files)), desc=name, unit=" rasters", disable=not progress,
+                     mininterval=bar_interval()):
         day = date_of_file(path)
         values = np.array([aggregate_window(path, g, int(r), int(c), 1, 1, band)[0, 0] for r, c in zip(rows, cols)])
         if not skip_nodata and np.isnan(values).any():

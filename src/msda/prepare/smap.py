@@ -98,6 +98,8 @@ def extract_smap(
     sm_pm_corrected, sm_m3m3 (the daily value); days without any retrieval are left out."""
     from tqdm.auto import tqdm
 
+    from msda.runtime import bar_interval
+
     for col in ("r", "c"):
         if col not in cells:
             raise PrepareError(f"the cell table needs columns 'r' and 'c' (9 km EASE-2 row and column); missing {col!r}")
@@ -108,7 +110,8 @@ def extract_smap(
         raise PrepareError(f"9 km cell (r={r['r']}, c={r['c']}) lies outside the EASE-2 9 km grid")
     rows, cols = uniq["r"].to_numpy(), uniq["c"].to_numpy()
     parts = []
-    for path in tqdm(smap_files(files), desc="SMAP days", unit=" files", disable=not progress):
+    for path in tqdm(smap_files(files), desc="SMAP days", unit=" files", disable=not progress,
+                     mininterval=bar_interval()):
         day = read_smap_day(path, rows, cols, recommended_only)
         parts.append(pd.DataFrame({"r": rows, "c": cols, "date": _date_of(path), "sm_am": day["am"], "sm_pm": day["pm"]}))
     table = pd.concat(parts, ignore_index=True)

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from msda.figures import count_colorbar  # noqa: E402
 from msda.schema import DEFAULT_SCHEMA  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def draw_all(bench, out: Path) -> list[Path]:
     m = f[["r", "c", "date", "sm_m3m3"]].merge(c, on=["r", "c", "date"])
     fig, ax = plt.subplots(figsize=(5.5, 5))
     *_, image = ax.hist2d(m["sm_m3m3"], m["smap"], bins=80, range=[[0, 0.5], [0, 0.5]], cmap="viridis", cmin=1)
-    fig.colorbar(image, label="pairs per cell")
+    count_colorbar(fig, ax, image, "pairs per cell")
     ax.plot([0, 0.5], [0, 0.5], "w--", lw=1)
     ax.set(xlabel="50 m in situ (m3/m3)", ylabel="9 km SMAP-like (m3/m3)", title=f"Same cell and day ({len(m)} pairs)")
     fig.savefig(paths[3], dpi=110, bbox_inches="tight")
