@@ -35,7 +35,8 @@ from msda.transfer import (
     fit,
     settings_dict,
 )
-from msda.weights import provenance, save_ensemble
+from msda.provenance import provenance
+from msda.weights import save_ensemble
 
 
 def pretrain(

@@ -160,7 +160,8 @@ def weights_convert(
     force: bool = ForceOpt,
 ) -> None:
     """Convert weights between the authors' .pt files and our safetensors format."""
-    from msda.weights import load_ensemble, provenance, save_authors, save_ensemble
+    from msda.provenance import provenance
+    from msda.weights import load_ensemble, save_authors, save_ensemble
 
     if to not in ("msda", "authors"):
         raise MsdaError(f"--to must be msda or authors, got {to!r}")
@@ -188,7 +189,8 @@ def weights_init(
 ) -> None:
     """Write an untrained, seeded DenseSM-E (the starting point of training from scratch)."""
     from msda.model import DenseSME
-    from msda.weights import provenance, save_ensemble
+    from msda.provenance import provenance
+    from msda.weights import save_ensemble
 
     _out(out, "weights", schema, force=force)
     e = DenseSME(_members(widths, depths), schema=_schema(schema), seed=seed)

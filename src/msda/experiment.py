@@ -155,8 +155,9 @@ class Inputs:
 
 
 @lru_cache(maxsize=2)
-def _load(inputs: Inputs, members: tuple[str, ...]):
-    """Tables and weights, read once per worker process."""
+def load_inputs(inputs: Inputs, members: tuple[str, ...]):
+    """The fine and 9 km tables and the ensemble (its named members) of a run; read once per
+    worker process."""
     from msda.schema import DEFAULT_SCHEMA, load_schema
     from msda.tables import read_samples
     from msda.weights import load_ensemble
@@ -201,7 +202,7 @@ def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: s
         return task.key
     if threads:
         torch.set_num_threads(threads)
-    fine, coarse, ensemble = _load(inputs, protocol.members)
+    fine, coarse, ensemble = load_inputs(inputs, protocol.members)
     dev = resolve_device(device)
     if dev.type == "cpu":
         tune_allocator()
@@ -359,7 +360,7 @@ def run_experiment(
     """
     from tqdm.auto import tqdm
 
-    from msda.weights import provenance
+    from msda.provenance import provenance
 
     out = Path(out)
     inputs = Inputs(*(str(Path(v).resolve()) if v else None for v in dataclasses.astuple(inputs)))
@@ -367,7 +368,7 @@ def run_experiment(
     for name, path in zip(("fine table", "9 km table", "weights"), dataclasses.astuple(inputs)):
         if not Path(path).exists():
             raise ExperimentError(f"{path}: the {name} does not exist")
-    fine, coarse, ensemble = _load(inputs, protocol.members)
+    fine, coarse, ensemble = load_inputs(inputs, protocol.members)
     if protocol.network not in fine.networks:
         raise ExperimentError(f"{inputs.fine}: no samples of network {protocol.network!r} (networks: {', '.join(fine.networks)})")
     n_stations = fine.frame.loc[fine.frame["network"].astype(str) == protocol.network, "station"].nunique()
@@ -419,7 +420,7 @@ def rescore(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], Path]:
             raise ExperimentError(f"{path}: the {name} of this run does not exist any more")
     with run_lock(out):
         check_inputs_unchanged(out, record, inputs)
-        fine, coarse, _ = _load(inputs, protocol.members)
+        fine, coarse, _ = load_inputs(inputs, protocol.members)
         tables = analyse(out, fine, coarse, protocol, protocol.tasks())
         return tables, write_report(out, tables, record)
 

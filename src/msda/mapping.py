@@ -498,7 +498,8 @@ def make_map(
     """
     import dask
 
-    from msda.weights import load_ensemble, provenance
+    from msda.provenance import provenance
+    from msda.weights import load_ensemble
 
     if chunks < 16:
         raise MapError(f"--chunks must be at least 16 pixels, got {chunks}")

@@ -272,7 +272,7 @@ def _img(path: Path) -> str:
 
 def make_figures(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> list[tuple[str, str, str, Path]]:
     """Draw every figure the finished runs allow; returns (name, title, caption, path)."""
-    from msda.experiment import Inputs, _load
+    from msda.experiment import Inputs, load_inputs
 
     runs, median = tables["runs"], tables["median"]
     if runs.empty:
@@ -281,7 +281,7 @@ def make_figures(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> li
     figdir.mkdir(exist_ok=True)
     network = record["protocol"]["network"]
     inputs = Inputs(**record["inputs"])
-    fine, coarse, _ = _load(inputs, tuple(record["protocol"]["members"]))
+    fine, coarse, _ = load_inputs(inputs, tuple(record["protocol"]["members"]))
     frame = fine.frame
     truth_col = "sm_m3m3" if "sm_m3m3" in frame else frame.columns[frame.columns.str.contains("sm")][0]
     truth = frame[truth_col].to_numpy(np.float64)

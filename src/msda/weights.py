@@ -7,10 +7,8 @@ are pickles, read with ``torch.load(weights_only=True)`` so that a downloaded fi
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import pickle
-import platform
 import re
 from pathlib import Path
 from typing import Any
@@ -19,10 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from msda import __version__
 from msda.errors import WeightsError
 from msda.io import atomic_path
 from msda.model import MAX_MEMBERS, DenseSM, DenseSME, MemberSpec
+from msda.provenance import provenance
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema
 
 FORMAT = "msda.densesm-e"
@@ -30,17 +28,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "weights.safetensors"
 _PAIR = re.compile(r"(\d+)_(\d+)")
-
-
-def provenance(**settings: Any) -> dict[str, Any]:
-    """Versions and settings that made a set of weights (recorded in the manifest)."""
-    return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "msda": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        **settings,
-    }
 
 
 # ----- our format ---------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def read_ismn(
 
 def write_ismn(tables: IsmnTables, out: str | Path, force: bool = False) -> Path:
     """``out/stations.parquet``, ``out/daily.parquet`` and ``out/prepare.json``, atomically."""
-    from msda.weights import provenance
+    from msda.provenance import provenance
 
     out = Path(out)
     with atomic_path(out, "ismn", inputs=(tables.settings.get("source"),), force=force) as tmp:

@@ -35,7 +35,7 @@ def write_benchmark(bench: Benchmark, out: str | Path, fmt: str = "parquet", plo
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MsdaError(f"{out}: exists and is not a directory")
-    from msda.weights import provenance
+    from msda.provenance import provenance
 
     with atomic_path(out, "benchmark", force=force) as tmp:
         tmp.mkdir()
