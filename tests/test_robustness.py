@@ -359,6 +359,25 @@ def test_os_errors_are_one_line(ws, capsys, monkeypatch):
     assert [p.name for p in ws.iterdir() if ".msda-" in p.name or p.name == "w2"] == []
 
 
+def test_a_failed_swap_over_a_file_leaves_it_and_its_marker_as_they_were(ws, monkeypatch):
+    before = snapshot(ws)
+    real = os.replace
+    calls = []
+
+    def fail_the_swap(src, dst):
+        calls.append(dst)
+        if Path(dst).name == "mine.parquet":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_the_swap)
+    with pytest.raises(MsdaError, match="mine.parquet: cannot write"):
+        with atomic_path(ws / "mine.parquet", "predictions", force=True) as tmp:
+            tmp.write_bytes(b"new")
+    assert any(Path(c).name == ".mine.parquet.msda-output" for c in calls)  # the marker was written first
+    assert snapshot(ws) == before  # the file, and no marker or temporary left
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -277,13 +277,16 @@ def run_lock(out: Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             raise ExperimentError(
                 f"{out}: another msda process works in this run directory ({holder}); wait for it to end "
                 "or use another --out"
             ) from None
+        except OSError:  # a file system without advisory locks (some network mounts): work unlocked
+            yield
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")

@@ -78,8 +78,12 @@ def _marker_text(kind: str) -> str:
 
 def _write_marker(target: Path, kind: str) -> None:
     tmp = target.with_name(f"{target.name}.{_TMP}.{_token()}")
-    tmp.write_text(_marker_text(kind))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(_marker_text(kind))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def mark_output(path: str | Path, kind: str) -> None:
@@ -246,6 +250,18 @@ def _swap_in(tmp: Path, path: Path, token: str) -> None:
     _remove(old)
 
 
+def _restore(sidecar: Path, before: bytes | None) -> None:
+    """Put a file's marker back as it was before a write that failed."""
+    try:
+        if before is None:
+            if os.path.lexists(sidecar):
+                sidecar.unlink()
+        elif not os.path.lexists(sidecar) or sidecar.read_bytes() != before:
+            sidecar.write_bytes(before)
+    except OSError:
+        pass
+
+
 @contextmanager
 def atomic_path(path: str | Path, kind: str | None = None, *, inputs: Iterable[str | Path | None] = (),
                 force: bool = False) -> Iterator[Path]:
@@ -265,6 +281,8 @@ def atomic_path(path: str | Path, kind: str | None = None, *, inputs: Iterable[s
         recover(path)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
+    sidecar = _sidecar(path)
+    sidecar_before = sidecar.read_bytes() if os.path.lexists(sidecar) else None
     try:
         yield tmp
         if not os.path.lexists(tmp):
@@ -272,15 +290,15 @@ def atomic_path(path: str | Path, kind: str | None = None, *, inputs: Iterable[s
         inner = tmp.is_dir() and path.suffix.lower() != ".zarr"
         in_new_folder = f".{_TMP}." in parent.name  # a part of a folder being written: its marker covers it
         if kind is not None and (inner or not in_new_folder):
-            _write_marker(tmp / MARKER if inner else _sidecar(path), kind)
+            _write_marker(tmp / MARKER if inner else sidecar, kind)
         _swap_in(tmp, path, token)
-        if inner and kind is not None and os.path.lexists(_sidecar(path)):
-            _sidecar(path).unlink()  # the marker of a file this folder replaced
-    except OSError as exc:
+        if inner and kind is not None and os.path.lexists(sidecar):
+            sidecar.unlink()  # the marker of a file this folder replaced
+    except BaseException as exc:
         _remove(tmp)
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        _remove(tmp)
+        _restore(sidecar, sidecar_before)  # the old output keeps the marker it had
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
 
 
