@@ -72,3 +72,15 @@ def test_progress_bars_do_not_flood_a_log(tmp_path, coarse):
     assert proc.returncode == 0, proc.stderr
     updates = [s for s in proc.stderr.replace("\r", "\n").splitlines() if "pretrain" in s]
     assert 1 <= len(updates) <= 6, len(updates)  # 240 steps: the first and last lines, not one per step
+
+
+def test_schema_show_aligns_long_names(tmp_path):
+    (tmp_path / "s.toml").write_text(
+        'name = "long"\n[[scalars]]\nname = "backscatter_vv_descending"\nunits = "dB"\nlo = -30\nhi = 5\n'
+        '[[scalars]]\nname = "vh"\nunits = "dB"\nlo = -35\nhi = 0\n'
+        '[[series]]\nname = "ndvi"\nunits = "1"\nlo = -0.2\nhi = 1\nlength = 12\nstep_days = 16\n')
+    r = runner.invoke(app, ["schema", "show", str(tmp_path / "s.toml")])
+    assert r.exit_code == 0, r.output
+    rows = r.output.splitlines()[1:]
+    starts = {line.index("[", line.index("]") + 1) for line in rows}  # where each range column starts
+    assert len(rows) == 3 and len(starts) == 1, r.output

@@ -71,8 +71,13 @@ def test_dict_round_trip_and_files(tmp_path):
     assert FeatureSchema.from_dict(s.to_dict()) == s
     s.save(tmp_path / "s.yaml")
     s.save(tmp_path / "s.json")
+    s.save(tmp_path / "s.toml")
     assert load_schema(tmp_path / "s.yaml") == s
     assert load_schema(tmp_path / "s.json").same_layout(s)
+    assert load_schema(tmp_path / "s.toml") == s  # the format its extension names, read back
+    assert (tmp_path / "s.toml").read_text().startswith('name = "table1"')
+    with pytest.raises(SchemaError, match="ends in .toml, .yaml, .yml or .json"):
+        s.save(tmp_path / "s.txt")
 
 
 CUSTOM_TOML = """

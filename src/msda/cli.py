@@ -203,6 +203,11 @@ def schema_show(schema: Optional[Path] = typer.Argument(None, help="Schema file;
     """Print the inputs of a schema with units, ranges and encodings."""
     s = _schema(schema)
     typer.echo(f"schema {s.name}: {s.n_scalars} scalars + {s.n_series} series x {s.series_length} = {s.n_features} columns")
+    items = [*s.scalars, *s.series]
+    name_w = max(len(i.name) for i in items)
+    units_w = max(len(i.units) for i in items)
+    last = s.n_features - 1
+    col_w = len(f"[{last}-{last}]") if s.series else len(f"[{last}]")
     col = 0
     for sc in s.scalars:
         enc = ""
@@ -210,18 +215,17 @@ def schema_show(schema: Optional[Path] = typer.Argument(None, help="Schema file;
             e = sc.encoding
             arg = f"{e.source}/{e.period:g}" if e.func == "ratio" else f"2 pi {e.source}/{e.period:g}"
             enc = f"  = {arg}" if e.func == "ratio" else f"  = {e.func}({arg})"
-        typer.echo(f"  [{col:3d}] {sc.name:<14} {sc.units:<7} [{sc.lo:g}, {sc.hi:g}]{enc}")
+        typer.echo(f"  {f'[{col}]':>{col_w}} {sc.name:<{name_w}} {sc.units:<{units_w}} [{sc.lo:g}, {sc.hi:g}]{enc}")
         col += 1
     for se in s.series:
-        typer.echo(
-            f"  [{col:3d}-{col + se.length - 1:3d}] {se.name:<8} {se.units:<7} [{se.lo:g}, {se.hi:g}] "
-            f"{se.length} x {se.step_days} days"
-        )
+        where = f"[{col}-{col + se.length - 1}]"
+        typer.echo(f"  {where:>{col_w}} {se.name:<{name_w}} {se.units:<{units_w}} [{se.lo:g}, {se.hi:g}] "
+                   f"{se.length} x {se.step_days} days")
         col += se.length
 
 
 @schema_app.command("write")
-def schema_write(out: Path = typer.Argument(..., help="Output .yaml or .json file to edit."),
+def schema_write(out: Path = typer.Argument(..., help="Output .toml, .yaml or .json file to edit."),
                  force: bool = ForceOpt) -> None:
     """Write the default Table 1 schema to a file, as a template for your own."""
     from msda.schema import DEFAULT_SCHEMA

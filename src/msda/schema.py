@@ -345,10 +345,21 @@ class FeatureSchema:
         return self.same_layout(table1())
 
     def save(self, path: str | Path, force: bool = False) -> None:
-        """Write the schema as YAML (``.yaml``/``.yml``) or JSON; replaces only a schema msda wrote."""
+        """Write the schema in the format its extension names (``.toml``, ``.yaml``/``.yml``,
+        ``.json``), the formats :func:`load_schema` reads; replaces only a schema msda wrote."""
+        import tomli_w
+
         path = Path(path)
         d = self.to_dict()
-        text = json.dumps(d, indent=2) if path.suffix == ".json" else yaml.safe_dump(d, sort_keys=False)
+        suffix = path.suffix.lower()
+        if suffix == ".toml":
+            text = tomli_w.dumps(d)
+        elif suffix == ".json":
+            text = json.dumps(d, indent=2)
+        elif suffix in (".yaml", ".yml"):
+            text = yaml.safe_dump(d, sort_keys=False)
+        else:
+            raise SchemaError(f"{path}: a schema file ends in .toml, .yaml, .yml or .json")
         atomic_write_text(path, text, "schema", force)
 
 
