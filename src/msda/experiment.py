@@ -297,6 +297,12 @@ def run_lock(out: Path) -> Iterator[None]:
 
 
 # ----- the whole run -----------------------------------------------------------------------
+def _check_inputs_exist(inputs: "Inputs", whose: str = "") -> None:
+    for name, path in zip(("fine table", "9 km table", "weights"), dataclasses.astuple(inputs)):
+        if not Path(path).exists():
+            raise ExperimentError(f"{path}: the {name}{whose} does not exist")
+
+
 def read_record(out: Path) -> dict:
     """``out/protocol.json``, or ExperimentError naming what is wrong with it."""
     path = out / "protocol.json"
@@ -311,15 +317,16 @@ def read_record(out: Path) -> dict:
     return record
 
 
-def check_inputs_unchanged(out: Path, record: dict, inputs: "Inputs") -> None:
-    """Refuse to mix fits of other inputs: every input's content must match the run's record."""
+def check_inputs_unchanged(out: Path, record: dict, inputs: "Inputs", now: dict | None = None) -> None:
+    """Refuse to mix fits of other inputs: every input's content must match the run's record
+    (``now``: the inputs' fingerprints, when already computed)."""
     recorded = record.get("fingerprints")
     if not isinstance(recorded, dict):
         raise ExperimentError(
             f"{out / 'protocol.json'}: made by an msda without input fingerprints, so a resume cannot be checked; "
             "use a new --out"
         )
-    now = input_fingerprints(inputs)
+    now = input_fingerprints(inputs) if now is None else now
     changed = [k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
     if changed:
         names = ", ".join(f"{k} ({getattr(inputs, k, None)})" for k in changed)
@@ -329,20 +336,17 @@ def check_inputs_unchanged(out: Path, record: dict, inputs: "Inputs") -> None:
         )
 
 
-def _check_resume(out: Path, record: dict) -> None:
-    path = out / "protocol.json"
-    if not path.exists():
-        return
-    old = read_record(out)
-    new = json.loads(json.dumps(record, default=str))  # tuples as lists, as in the file
-    for section in ("fit",):  # the inputs: by content (check_inputs_unchanged), wherever they now lie
-        before, now = old.get(section) or {}, new[section]
-        changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-        if changed:
-            raise ExperimentError(
-                f"{path}: this run directory was made with other {section} settings ({'; '.join(changed)}); "
-                "use a new --out or the same settings"
-            )
+def _check_resume(out: Path, old: dict, record: dict, inputs: "Inputs") -> None:
+    """A run directory resumes only with the same fit settings and inputs of the same content
+    (wherever they now lie)."""
+    check_inputs_unchanged(out, old, inputs, record["fingerprints"])
+    before, now = old.get("fit") or {}, json.loads(json.dumps(record["fit"], default=str))  # tuples as lists
+    changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if changed:
+        raise ExperimentError(
+            f"{out / 'protocol.json'}: this run directory was made with other fit settings ({'; '.join(changed)}); "
+            "use a new --out or the same settings"
+        )
 
 
 def run_experiment(
@@ -368,9 +372,7 @@ def run_experiment(
     out = Path(out)
     inputs = Inputs(*(str(Path(v).resolve()) if v else None for v in dataclasses.astuple(inputs)))
     check_output(out, "experiment", dataclasses.astuple(inputs))
-    for name, path in zip(("fine table", "9 km table", "weights"), dataclasses.astuple(inputs)):
-        if not Path(path).exists():
-            raise ExperimentError(f"{path}: the {name} does not exist")
+    _check_inputs_exist(inputs)
     fine, coarse, ensemble = load_inputs(inputs, protocol.members)
     if protocol.network not in fine.networks:
         raise ExperimentError(f"{inputs.fine}: no samples of network {protocol.network!r} (networks: {', '.join(fine.networks)})")
@@ -387,8 +389,7 @@ def run_experiment(
             **provenance(),
         }
         if (out / "protocol.json").exists():
-            check_inputs_unchanged(out, read_record(out), inputs)
-        _check_resume(out, record)
+            _check_resume(out, read_record(out), record, inputs)
         (out / "tasks").mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "protocol.json") as tmp:
             tmp.write_text(json.dumps(record, indent=2, default=str))
@@ -418,9 +419,7 @@ def rescore(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], Path]:
         inputs = Inputs(**record["inputs"])
     except (KeyError, TypeError) as exc:
         raise ExperimentError(f"{out / 'protocol.json'}: malformed run record ({exc})") from None
-    for name, path in zip(("fine table", "9 km table", "weights"), dataclasses.astuple(inputs)):
-        if not Path(path).exists():
-            raise ExperimentError(f"{path}: the {name} of this run does not exist any more")
+    _check_inputs_exist(inputs, " of this run")
     with run_lock(out):
         check_inputs_unchanged(out, record, inputs)
         fine, coarse, _ = load_inputs(inputs, protocol.members)
@@ -497,15 +496,11 @@ def station_table(fine: Samples) -> pd.DataFrame:
 
 
 def _strip_bounds(st: pd.DataFrame, col: str, strip: str) -> dict[int, str]:
-    """Each strip's range as people read it: 124.5-110.2\u00b0W, 25.1-31.0\u00b0N."""
+    """Each strip's range as people read it: 124.5\u00b0W to 110.2\u00b0W, 25.1\u00b0N to 31.0\u00b0N."""
+    from msda.grids import degrees
+
     g = st.groupby(strip)[col].agg(["min", "max"])
-
-    def deg(v: float) -> str:
-        if col == "lat":
-            return f"{abs(v):.1f}\u00b0{'N' if v >= 0 else 'S'}"
-        return f"{abs(v):.1f}\u00b0{'W' if v < 0 else 'E'}"
-
-    return {int(i): f"{deg(r['min'])} to {deg(r['max'])}" for i, r in g.iterrows()}
+    return {int(i): f"{degrees(r['min'], col)} to {degrees(r['max'], col)}" for i, r in g.iterrows()}
 
 
 def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks: list[Task]) -> dict[str, pd.DataFrame]:

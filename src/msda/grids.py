@@ -113,3 +113,10 @@ def lonlat_to_xy(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def xy_to_lonlat(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _TO_LONLAT.transform(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+
+
+def degrees(value: float, axis: str, digits: int = 1) -> str:
+    """A longitude or latitude as people read it: 98.5\u00b0W, 12\u00b0E, 36.6\u00b0N."""
+    hemisphere = ("E", "W") if axis == "lon" else ("N", "S")
+    sign = "" if value == 0 else hemisphere[int(value < 0)]
+    return f"{abs(value):.{digits}f}\u00b0{sign}"

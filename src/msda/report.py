@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from msda.figures import count_colorbar, plain  # noqa: E402
+from msda.grids import degrees  # noqa: E402
 from msda.io import atomic_path  # noqa: E402
 from msda.metrics import scores  # noqa: E402
 
@@ -31,11 +32,6 @@ FIGURES = (
     ("timeseries", "One station's time series (Fig. 7)", "A target station at the smallest N: in situ, SMAP 9 km and each method."),
     ("networks", "Inductive RMSE per network (Fig. 8)", "The adapted models applied unchanged to the other networks."),
 )
-
-
-def degrees_lon(lon: float, digits: int = 0) -> str:
-    """A longitude as people read it: 98.5\u00b0W, 12\u00b0E."""
-    return f"{abs(lon):.{digits}f}\u00b0{'W' if lon < 0 else 'E' if lon > 0 else ''}"
 
 
 DEFINITIONS = (
@@ -199,7 +195,7 @@ def fig_station_map(stations: pd.DataFrame, median: pd.DataFrame, st_info: pd.Da
         tr = st_info[st_info["station"].isin(train)]
         ax.scatter(tr["lon"], tr["lat"], marker="x", color="k", s=30, label="training stations")
         ax.set_title(f"{v}, N = {n}: station RMSE, mean {pv['rmse'].mean():.3f}", fontsize=9)
-        ax.xaxis.set_major_formatter(lambda x, _: degrees_lon(x))
+        ax.xaxis.set_major_formatter(lambda x, _: degrees(x, "lon", 0))
         ax.set_xlabel("longitude")
         ax.set_ylabel("latitude (\u00b0N)")
         ax.set_aspect(1.25)

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msda.errors import TableError
+from msda.grids import GRID_9KM
 from msda.io import atomic_path
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema
 
@@ -34,7 +35,6 @@ ID_COLUMNS = ("network", "station", "r", "c", "date", "lc")
 REQUIRED_ID = {"fine": ("network", "station", "r", "c", "date"), "coarse": ("r", "c", "date")}
 MAX_SHOWN = 5
 FAR_OUTSIDE = 0.5  # a normalised feature below -0.5 or above 1.5 is taken for raw units
-GRID_9KM_ROWS, GRID_9KM_COLS = 1624, 3856  # EASE-2 global 9 km (METHOD.md section 2)
 
 
 def edate_to_date(edate: Sequence[float] | np.ndarray | pd.Series) -> pd.DatetimeIndex:
@@ -370,7 +370,7 @@ def _validate(frame: pd.DataFrame, kind: Kind, schema: FeatureSchema, source: st
             f"{int(bad.sum())} rows are not (e.g. {first!r}) at rows {_rows(bad, frame.index)}"
         )
     frame[TRUTH] = truth.astype(np.float64)
-    for c, size in (("r", GRID_9KM_ROWS), ("c", GRID_9KM_COLS)):
+    for c, size in (("r", GRID_9KM.n_rows), ("c", GRID_9KM.n_cols)):
         v = pd.to_numeric(frame[c], errors="coerce")
         bad = v.isna() | (v != np.round(v)) | (v < 0) | (v >= size)
         if bad.any():
