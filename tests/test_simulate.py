@@ -75,11 +75,33 @@ def test_layout_valid_and_written(tmp_path, bench):
     assert x.min() >= 0 and x.max() <= 1
 
 
-def test_west_drier_than_east(bench):
-    f = bench.fine.frame.merge(bench.stations[["station", "lon"]], on="station")
-    west = f.loc[f.lon < -105, "sm_m3m3"].mean()
-    east = f.loc[f.lon > -90, "sm_m3m3"].mean()
-    assert west < east - 0.01
+def test_dry_climates_drier(bench):
+    """Stations in the driest third of annual precipitation read drier than those in the wettest."""
+    means = bench.fine.frame.groupby("station")["sm_m3m3"].mean()
+    rain = bench.stations.set_index("station").loc[means.index, "annual_precip_mm"]
+    lo, hi = rain.quantile([1 / 3, 2 / 3])
+    assert means[rain <= lo].mean() < means[rain >= hi].mean() - 0.01
+
+
+def test_two_scales_differ(bench):
+    """The mismatch the method exists for: land-cover mixtures, rain below 9 km and probes make
+    a station's series differ from its 9 km cell's, and SMAP from both."""
+    st = bench.stations
+    assert set(st["land_cover"]) <= {"grass", "crop"}
+    assert st["probe_gain"].std() > 0.05
+    d = bench.diagnostics
+    anomaly = (d["station_sm_point"] - d["station_sm_point"].mean(0)) - (d["station_sm_9km"] - d["station_sm_9km"].mean(0))
+    assert np.median(np.sqrt((anomaly**2).mean(0))) > 0.015
+    lc = set(bench.coarse.frame["lc"]) | set(bench.pretrain.frame["lc"])
+    assert len(lc) >= 3  # 9 km cells dominated by different classes
+
+
+def test_smap_errors_grow_with_vegetation():
+    from msda.simulate.physics import vegetation_water_content
+
+    ndvi = np.array([0.2, 0.5, 0.8])
+    vwc = vegetation_water_content(ndvi, np.full(3, 0.1), np.full(3, 0.85), np.full(3, 3.5))
+    assert np.all(np.diff(vwc) > 0) and vwc[0] > 0
 
 
 def test_vv_sensitivity_falls_with_ndvi():
@@ -175,8 +197,9 @@ def test_validation_statistics_on_known_data():
     coarse = fine[["r", "c", "date"]].assign(sm_m3m3=fine["sm_m3m3"] + 0.02 + 0.01 * np.cos(np.arange(60)))
     days = 30
     a = np.tile(np.linspace(0.1, 0.3, days)[:, None], (1, 3))
-    diag = {"station_sm_50m": a + 0.03 * np.sin(np.arange(days))[:, None], "station_sm_9km": a,
-            "within_cell_sd": np.array([0.01, 0.05, 0.06]), "looks_50m": 25.0}
+    diag = {"station_sm_point": a + 0.03 * np.sin(np.arange(days))[:, None], "station_sm_9km": a,
+            "within_cell_sd": np.array([[0.01, 0.05, 0.06, 0.09]]), "within_cell_mean": np.array([[0.2, 0.2, 0.25, 0.4]]),
+            "looks_50m": 25.0}
     bench = SimpleNamespace(fine=SimpleNamespace(frame=fine), coarse=SimpleNamespace(frame=coarse),
                             stations=pd.DataFrame({"network": ["SCAN"] * 3}), diagnostics=diag)
     got = statistics(bench)

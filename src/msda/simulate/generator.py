@@ -1,10 +1,13 @@
 """A physically based synthetic CONUS benchmark in the sample layout of METHOD.md section 3.
 
 Seven networks placed like the real ones (Table 2 counts), a stochastic weather generator with
-a dry-west / wet-east gradient, smooth land-surface fields with 50 m heterogeneity, NDVI driven
-by temperature and water, a 0-5 cm bucket model per 50 m cell, SMAP-like 9 km retrievals and
-Sentinel-1 backscatter from the Oh model under a Water Cloud. Equations and parameter sources:
-docs/simulate.md. Nothing here is tuned to favour any transfer method.
+a dry-west / wet-east gradient and rain that varies below 9 km, land-cover mixtures inside each
+9 km cell, soil texture with 50 m heterogeneity (inputs with SoilGrids-like error), terrain
+wetness and irrigation, NDVI by class, a 0-5 cm bucket model per 50 m cell, probes with their own
+representativeness and calibration, SMAP-like 9 km retrievals over a ~35 km footprint with
+vegetation-dependent errors, and Sentinel-1 backscatter from the Oh model under a Water Cloud.
+Equations and parameter sources: docs/simulate.md. Nothing here is tuned to favour any transfer
+method: parameters come from the literature and the validation of simulate/validate.py.
 """
 
 from __future__ import annotations
@@ -23,8 +26,24 @@ from msda.tables import Samples, samples_from_frame
 STEPS, STEP_DAYS = 46, 8
 HISTORY_DAYS = STEPS * STEP_DAYS  # 368 days of 8-day series before each acquisition
 SPINUP_DAYS = 120
-SUBCELLS = 8  # 50 m cells sampled inside each 9 km cell (besides the stations' own)
-LOOKS_50M = 4.4 * 25  # equivalent looks of a 50 m Sentinel-1 cell as generated
+INNER = 12  # 50 m cells sampled inside each 9 km cell: its inputs are their area means
+FOOTPRINT = 12  # 50 m cells sampled from each 9 km cell's SMAP footprint
+SMAP_FOOTPRINT_KM = 35.0  # full width at half maximum of the enhanced product's footprint
+SENSING_DEPTH_MM = 25.0  # the top layer L- and C-band see, against the 5 cm of the probes
+SMAP_DRY_BIAS = (0.005, 0.006)  # m3/m3: a + b VWC (kg/m2), subtracted
+SMAP_NOISE = (0.02, 0.008)  # m3/m3: SD a + b VWC
+LOOKS_50M = 4.4 * 2500 / (20 * 22)  # ENL 4.4 per GRD resolution cell of ~20 x 22 m: 25 at 50 m
+CLUTTER_DB = 1.0  # static per-pixel backscatter of what no model holds (fences, trees, tracks)
+REPRESENTATIVENESS = (0.95, 0.02)  # the probe's point against its 50 m cell: AR(1) lag-1, SD
+CALIBRATION = {"gain_per_clay": 0.01, "gain_sd": 0.2, "offset_sd": 0.04}  # per probe (Seyfried et al. 2005; Vaz et al. 2013)
+SENSOR_NOISE = 0.005
+STATION_ON_GRASS = 0.65  # the rest on cropland
+SOILGRIDS_ERROR = {"sand": (6.0, 10.0), "clay": (4.0, 7.0), "bulk_density": (0.0, 8.0)}  # SD per cell, per pixel
+TWI_MEAN = 8.0
+# m3/m3 per % organic matter (the order of Rawls et al. 2003, Geoderma 116:61, for surface soils)
+ORGANIC_RETENTION = {"porosity": 0.01, "field_capacity": 0.01, "wilting_point": 0.004}
+RUNON_PER_TWI = 0.15  # rain gained (lost) per unit of wetness index above (below) the mean
+TEXTURE_50M_SD = {"sand": 12.0, "clay": 7.0}  # % between 50 m cells of one 9 km cell
 
 
 @dataclass(frozen=True)
@@ -235,46 +254,195 @@ def _eight_day_series(daily: np.ndarray, col: np.ndarray, day: np.ndarray) -> np
     return (cs[starts + STEP_DAYS, c] - cs[starts, c]) / STEP_DAYS
 
 
+# ----- land cover -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LandCover:
+    """One land-cover class: its IGBP code and the parameters the physics uses (docs/simulate.md)."""
+
+    name: str
+    igbp: int
+    wcm_vv: tuple[float, float]  # Water Cloud A, B with NDVI, VV
+    wcm_vh: tuple[float, float]  # the same, VH
+    rms_cm: tuple[float, float]  # range of the soil's rms height
+    ndvi_min: float
+    ndvi_max: tuple[float, float]  # at the driest and the wettest climate
+    phenology: int  # PHENOLOGY code
+    evap_factor: float  # PET share acting on the 0-5 cm layer (shade, litter, bare soil)
+    interception: float  # share of rain held by the canopy or sealed surfaces
+    stem_factor: float  # SMAP vegetation water content: stem part (kg/m2)
+
+
+# greenness drivers: constant, temperature, temperature x water, crop calendar x water
+CONSTANT, TEMPERATURE, TEMPERATURE_WATER, CROP = 0, 1, 2, 3
+
+LAND_COVER = (
+    LandCover("forest", 4, (0.20, 1.1), (0.080, 0.8), (1.5, 3.0), 0.35, (0.80, 0.88), TEMPERATURE, 0.5, 0.20, 12.0),
+    LandCover("crop", 12, (0.12, 0.9), (0.060, 0.6), (0.8, 3.0), 0.15, (0.70, 0.82), CROP, 1.0, 0.10, 3.5),
+    LandCover("grass", 10, (0.08, 0.5), (0.040, 0.4), (0.6, 1.6), 0.12, (0.35, 0.75), TEMPERATURE_WATER, 0.9, 0.08, 0.0),
+    LandCover("shrub", 7, (0.10, 0.5), (0.040, 0.4), (1.0, 2.5), 0.08, (0.22, 0.45), TEMPERATURE_WATER, 1.0, 0.05, 4.0),
+    LandCover("urban", 13, (0.0, 0.0), (0.0, 0.0), (1.0, 1.0), 0.15, (0.30, 0.40), TEMPERATURE_WATER, 0.8, 0.30, 0.0),
+    LandCover("water", 17, (0.0, 0.0), (0.0, 0.0), (1.0, 1.0), -0.10, (-0.10, -0.10), CONSTANT, 0.0, 0.0, 0.0),
+)
+FOREST, CROPLAND, GRASS, SHRUB, URBAN, WATER = range(len(LAND_COVER))
+
+# Regional class fractions (forest, crop, grass, shrub, urban, water) in the spirit of NLCD 2016's
+# regional composition: the arid west mostly shrub and grass, the plains crop and grass, the humid
+# east and the Pacific north-west forest; developed land and open water a few percent everywhere.
+REGIONS = {
+    "arid": (0.10, 0.05, 0.27, 0.52, 0.03, 0.03),
+    "plains": (0.07, 0.48, 0.34, 0.03, 0.05, 0.03),
+    "humid_east": (0.44, 0.20, 0.20, 0.02, 0.09, 0.05),
+    "humid_west": (0.56, 0.07, 0.15, 0.14, 0.05, 0.03),
+}
+
+
+def land_cover_fractions(lon: np.ndarray, annual_mm: np.ndarray) -> np.ndarray:
+    """(n, classes) fractions: arid below 400 mm a year, plains 600-800, humid above 1100
+    (east or west of 100 W), linear between."""
+    reg = {k: np.array(v) for k, v in REGIONS.items()}
+    humid = np.where((lon < -100)[:, None], reg["humid_west"], reg["humid_east"])
+    t1 = np.clip((annual_mm - 400.0) / 200.0, 0, 1)[:, None]
+    t2 = np.clip((annual_mm - 800.0) / 300.0, 0, 1)[:, None]
+    f = (1 - t1) * reg["arid"] + t1 * ((1 - t2) * reg["plains"] + t2 * humid)
+    return f / f.sum(1, keepdims=True)
+
+
+def irrigated_share(annual_mm: np.ndarray) -> np.ndarray:
+    """Share of cropland irrigated: about 40 % in the arid west, a few percent in the humid east
+    (USDA Census of Agriculture: about one sixth of US cropland, mostly west of 100 W)."""
+    return np.clip(0.45 - 0.4 * (annual_mm - 400.0) / 600.0, 0.05, 0.45)
+
+
+# Rain below the 9 km scale: a log-normal multiplier on the weather cell's rain, a Gaussian field
+# with exponential correlation (length and strength by season: convective May-September,
+# frontal otherwise)
+RAIN_FIELD = {"convective": (15.0, 0.8), "frontal": (100.0, 0.4)}  # correlation length km, log SD
+CONVECTIVE_MONTHS = (5, 6, 7, 8, 9)
+
+
+def _rain_multipliers(groups: list[np.ndarray], pos_km: np.ndarray, days: pd.DatetimeIndex, n_sub: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """(days, n_sub) float32 multipliers exp(s z - s^2/2), z correlated inside each group of 50 m
+    cells (those of one 9 km cell and its SMAP footprint) as exp(-distance / length)."""
+    convective = np.isin(days.month.to_numpy(), CONVECTIVE_MONTHS)
+    out = np.empty((len(days), n_sub), dtype=np.float32)
+    for members in groups:
+        xy = pos_km[members]
+        dist = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+        white = rng.standard_normal((len(members), len(days)))
+        z = np.empty((len(days), len(members)))
+        for season, rows in (("convective", convective), ("frontal", ~convective)):
+            length, s = RAIN_FIELD[season]
+            chol = np.linalg.cholesky(np.exp(-dist / length) + 1e-9 * np.eye(len(members)))
+            z[rows] = s * (chol @ white[:, rows]).T - s * s / 2
+        out[:, members] = np.exp(z)
+    return out
+
+
+def _ar1(rng: np.random.Generator, n_days: int, n: int, rho: float, sd: float) -> np.ndarray:
+    """(n_days, n) stationary AR(1) series with lag-1 correlation rho and standard deviation sd."""
+    shocks = rng.normal(0.0, sd * np.sqrt(1 - rho**2), (n_days, n))
+    out = np.empty((n_days, n))
+    out[0] = rng.normal(0.0, sd, n)
+    for d in range(1, n_days):
+        out[d] = rho * out[d - 1] + shocks[d]
+    return out
+
+
+@dataclass
+class SurfaceParams:
+    """Per 50 m cell parameters of the land-surface model (arrays, or one value for all)."""
+
+    hyd: dict[str, np.ndarray]
+    ndvi_min: np.ndarray
+    ndvi_max: np.ndarray
+    precip_scale: np.ndarray | float = 1.0  # run-on or run-off from the terrain, less interception
+    phenology: np.ndarray | int = TEMPERATURE_WATER
+    evap_factor: np.ndarray | float = 1.0
+    drainage_rate: np.ndarray | float = 0.5
+    irrigated: np.ndarray | bool = False
+    planting_doy: np.ndarray | float = 120.0
+
+
+IRRIGATION_MM, IRRIGATION_EVERY, IRRIGATION_SEASON = 25.0, 7, (120, 260)
+CROP_SEASON_DAYS = 130
+ROOT_UPTAKE = 0.3
+LAYER_MM = 100.0  # the modelled surface layer, 0-10 cm as in LSMs such as Noah: probes at 5 cm follow it
+THIN_RESTORE = 0.3  # the top 2.5 cm relaxes towards the surface layer, per day
+
+
 def water_and_greenness(
     precip: np.ndarray,
     t_air: np.ndarray,
     cell_of: np.ndarray,
     lat: np.ndarray,
     days: pd.DatetimeIndex,
-    hyd: dict[str, np.ndarray],
-    ndvi_min: np.ndarray,
-    ndvi_max: np.ndarray,
-    precip_scale: np.ndarray | float = 1.0,
+    params: SurfaceParams,
     keep: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Daily 0-5 cm soil moisture and NDVI of 50 m cells, (kept days, cells) float32 each.
+    rain_mult: np.ndarray | None = None,
+    thin_depth_mm: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Daily 0-5 cm soil moisture, NDVI and (with ``thin_depth_mm``) the soil moisture of a
+    thinner top layer of 50 m cells: (kept days, cells) float32 each.
 
     ``precip``/``t_air`` are (days, weather cells); ``cell_of`` maps each 50 m cell to its weather
-    cell. Bucket model with Hamon PET; plant-available water integrates over ~a month and
-    greenness follows it with ~2 weeks lag (warm enough: logistic in air temperature).
+    cell, ``rain_mult`` (days, cells) scales its rain below the weather cell's scale. Bucket model
+    with Hamon PET; plant-available water integrates over ~a month; greenness follows its driver
+    (temperature, temperature x water, or the crop calendar) with ~2 weeks lag. Irrigated cells
+    get 25 mm when their available water falls below 0.4 in the growing season, at most weekly.
     ``keep`` (bool per day) stores only those days.
     """
     doy = days.day_of_year.to_numpy()
     keep = np.ones(len(days), bool) if keep is None else np.asarray(keep, bool)
     n = len(cell_of)
+    hyd, p = params.hyd, params
+    phen = np.broadcast_to(np.asarray(p.phenology), (n,))
+    irrigated = np.broadcast_to(np.asarray(p.irrigated, bool), (n,))
     theta = 0.5 * (hyd["field_capacity"] + hyd["wilting_point"])
+    thin = theta.copy() if thin_depth_mm else None
     sm = np.empty((int(keep.sum()), n), dtype=np.float32)
     ndvi = np.empty_like(sm)
+    sm_thin = np.empty_like(sm) if thin_depth_mm else None
     avail, green = np.zeros(n), np.zeros(n)
+    since = np.full(n, IRRIGATION_EVERY)
     k = 0
     for d in range(len(days)):
         t = t_air[d, cell_of]
+        # vegetation shades the soil: evaporation falls with the cover (FAO-56 eq. 76: the
+        # exposed fraction), cover from scaled NDVI squared (Carlson & Ripley 1997); under full
+        # cover ROOT_UPTAKE of PET still leaves the layer through roots
+        ndvi_now = p.ndvi_min + (p.ndvi_max - p.ndvi_min) * green
+        cover = np.clip((ndvi_now - 0.1) / 0.7, 0, 1) ** 2
+        evap = p.evap_factor * (1 - (1 - ROOT_UPTAKE) * cover)
         pet = physics.hamon_pet(t, physics.day_length_hours(lat, doy[d]))
-        theta = physics.bucket_step(theta, precip[d, cell_of] * precip_scale, pet, hyd)
+        rain = precip[d, cell_of] * p.precip_scale
+        if rain_mult is not None:
+            rain = rain * rain_mult[d]
+        if irrigated.any():
+            season = IRRIGATION_SEASON[0] <= doy[d] <= IRRIGATION_SEASON[1]
+            need = irrigated & season & (avail < 0.4) & (since >= IRRIGATION_EVERY)
+            rain = rain + IRRIGATION_MM * need
+            since = np.where(need, 0, since + 1)
+        theta = physics.bucket_step(theta, rain, pet, hyd, LAYER_MM, p.drainage_rate, evap)
+        if thin is not None:
+            thin = physics.bucket_step(thin, rain, pet, hyd, thin_depth_mm, p.drainage_rate, evap)
+            thin = thin + THIN_RESTORE * (theta - thin)
         rel = np.clip((theta - hyd["wilting_point"]) / (hyd["field_capacity"] - hyd["wilting_point"]), 0, 1)
         avail += (rel - avail) / 30.0
         f_t = 1.0 / (1.0 + np.exp(-(t - 10.0) / 3.0))
-        green += (f_t * np.sqrt(avail) - green) / 15.0
+        water = np.sqrt(avail)
+        x = (doy[d] - p.planting_doy) / CROP_SEASON_DAYS
+        calendar = np.where((x > 0) & (x < 1), np.sin(np.pi * np.clip(x, 0, 1)), 0.0)
+        target = np.select([phen == TEMPERATURE, phen == TEMPERATURE_WATER, phen == CROP],
+                           [f_t, f_t * water, calendar * np.where(irrigated, 1.0, water)], 0.0)
+        green += (target - green) / 15.0
         if keep[d]:
             sm[k] = theta
-            ndvi[k] = ndvi_min + (ndvi_max - ndvi_min) * green
+            ndvi[k] = p.ndvi_min + (p.ndvi_max - p.ndvi_min) * green
+            if sm_thin is not None:
+                sm_thin[k] = thin
             k += 1
-    return sm, ndvi
+    return sm, ndvi, sm_thin
 
 
 def _split_total(total: int, n: int, caps: np.ndarray, rng: np.random.Generator, minimum: int = 6) -> np.ndarray:
@@ -308,7 +476,7 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
 
     stations = _place_stations(cfg, rng)
     pre = _pretrain_cells(cfg, rng)
-    # 9 km cells: station cells first, then pretraining cells
+    # 9 km cells: station cells first, then pretraining cells; the pretraining table covers both
     st_cells = stations[["r", "c"]].drop_duplicates().reset_index(drop=True)
     cells = pd.concat([st_cells.assign(kind="station"), pre[["r", "c"]].assign(kind="pretrain")], ignore_index=True)
     cells = cells.drop_duplicates(["r", "c"]).reset_index(drop=True)
@@ -318,36 +486,87 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
     is_pre = (cells["kind"] == "pretrain").to_numpy()
     # pretraining cells are more varied: wider spread of the climate (standing for global data)
     wetness = np.exp(rng.normal(0, np.where(is_pre, 0.35, 0.12)))
-    precip, t_air = _weather(cells["lon"].to_numpy(), cells["lat"].to_numpy(), days, rng, wetness)
-
-    # ----- land surface: 9 km means and 50 m sub-cells (SUBCELLS random + each station's) ----
-    sand_f, clay_f = _smooth_field(rng), _smooth_field(rng)
     lon_c, lat_c = cells["lon"].to_numpy(), cells["lat"].to_numpy()
-    sand_c = np.clip(45 + 22 * sand_f(lon_c, lat_c) + 10 * (lon_c < -100), 8, 85)
-    clay_c = np.clip(22 + 12 * clay_f(lon_c, lat_c) + 6 * (lon_c > -95), 5, 50)
-    elev_c = _elevation(lon_c, lat_c) + rng.normal(0, 60, n_cells)
-    relief = np.clip(np.exp(-(((lon_c + 110) / 8) ** 2)) + 0.5 * np.exp(-(((lon_c + 81) / 3) ** 2)), 0.05, 1)
+    precip, t_air = _weather(lon_c, lat_c, days, rng, wetness)
+    annual = _climate(lon_c, lat_c)["precip_mm"] * wetness
 
+    # ----- 50 m cells: INNER inside each 9 km cell, FOOTPRINT in its SMAP footprint, stations --
     cell_of = {(r, c): i for i, (r, c) in enumerate(zip(cells["r"], cells["c"]))}
     st_cell = np.array([cell_of[(r, c)] for r, c in zip(stations["r"], stations["c"])], dtype=int)
-    sub_cell = np.concatenate([np.repeat(np.arange(n_cells), SUBCELLS), st_cell])
+    n_inner, n_foot = n_cells * INNER, n_cells * FOOTPRINT
+    sub_cell = np.concatenate([np.repeat(np.arange(n_cells), INNER), np.repeat(np.arange(n_cells), FOOTPRINT), st_cell])
     n_sub = len(sub_cell)
-    station_sub = n_cells * SUBCELLS + np.arange(len(stations))
-    sand = np.clip(sand_c[sub_cell] + rng.normal(0, 8, n_sub), 3, 92)
-    clay = np.clip(clay_c[sub_cell] + rng.normal(0, 5, n_sub), 2, 60)
+    inner_sub = np.arange(n_inner).reshape(n_cells, INNER)
+    foot_sub = n_inner + np.arange(n_foot).reshape(n_cells, FOOTPRINT)
+    station_sub = n_inner + n_foot + np.arange(len(stations))
+    half = GRID_9KM.cell_m / 2000.0
+    sx, sy = lonlat_to_xy(stations["lon"].to_numpy(), stations["lat"].to_numpy())
+    pos_km = np.concatenate([
+        rng.uniform(-half, half, (n_inner, 2)),
+        rng.normal(0.0, SMAP_FOOTPRINT_KM / 2.3548, (n_foot, 2)),  # Gaussian footprint of that FWHM
+        np.column_stack([(sx - cx[st_cell]) / 1000.0, (sy - cy[st_cell]) / 1000.0]),
+    ])
+    groups = [np.concatenate([inner_sub[j], foot_sub[j], station_sub[st_cell == j]]) for j in range(n_cells)]
+    rain_mult = _rain_multipliers(groups, pos_km, days, n_sub, rng)
+
+    # land cover: drawn from the cell's regional fractions; stations on open grass or crop
+    fractions = land_cover_fractions(lon_c, annual)
+    cum = np.cumsum(fractions[sub_cell], axis=1)
+    lc = (rng.uniform(size=n_sub)[:, None] > cum).sum(1).clip(0, len(LAND_COVER) - 1)
+    lc[station_sub] = np.where(rng.uniform(size=len(stations)) < STATION_ON_GRASS, GRASS, CROPLAND)
+    land = lc != WATER
+
+    # soil: smooth regional texture plus 50 m heterogeneity; the inputs carry SoilGrids-like error
+    sand_f, clay_f = _smooth_field(rng), _smooth_field(rng)
+    sand_c = np.clip(45 + 28 * sand_f(lon_c, lat_c) + 10 * (lon_c < -100), 5, 90)
+    clay_c = np.clip(20 + 15 * clay_f(lon_c, lat_c) + 6 * (lon_c > -95) - 6 * (lon_c < -105), 3, 55)
+    sand = np.clip(sand_c[sub_cell] + rng.normal(0, TEXTURE_50M_SD["sand"], n_sub), 3, 95)
+    clay = np.clip(clay_c[sub_cell] + rng.normal(0, TEXTURE_50M_SD["clay"], n_sub), 2, 65)
     clay = np.minimum(clay, 97 - sand)
     bulk = np.clip(170 - 0.45 * clay - 0.1 * (100 - sand) + rng.normal(0, 6, n_sub), 105, 178)
+    err = {k: rng.normal(0, cell_sd, n_cells)[sub_cell] + rng.normal(0, pixel_sd, n_sub)
+           for k, (cell_sd, pixel_sd) in SOILGRIDS_ERROR.items()}
+    sand_in = np.clip(sand + err["sand"], 1, 97)
+    clay_in = np.clip(np.minimum(clay + err["clay"], 99 - sand_in), 1, 80)
+    bulk_in = np.clip(bulk + err["bulk_density"], 100, 180)
+    # organic matter (%), seen by no input: more under wetter climates, raising water retention
+    organic = np.exp(rng.normal(np.log(0.8 + 3.0 * np.clip(annual / 1300.0, 0, 1)[sub_cell]), 0.6, n_sub))
+    hyd = physics.cosby_hydraulics(sand, clay)
+    hyd = {k: v + ORGANIC_RETENTION.get(k, 0.0) * organic for k, v in hyd.items()}
+
+    elev_c = _elevation(lon_c, lat_c) + rng.normal(0, 60, n_cells)
+    relief = np.clip(np.exp(-(((lon_c + 110) / 8) ** 2)) + 0.5 * np.exp(-(((lon_c + 81) / 3) ** 2)), 0.05, 1)
     elev = np.maximum(elev_c[sub_cell] + rng.normal(0, 40 * relief[sub_cell] + 5, n_sub), 0)
     slope = np.clip(rng.gamma(1.5, 1.0 + 8.0 * relief[sub_cell]), 0, 40)
     aspect = rng.uniform(0, 360, n_sub)
-    rms_cm = rng.uniform(0.6, 2.2, n_sub)
-    hyd = physics.cosby_hydraulics(sand, clay)
+    catchment = np.exp(rng.normal(np.log(100.0), 1.0, n_sub))  # specific upslope area (m), no input
+    twi = physics.wetness_index(slope, catchment)
+    runon = np.clip(1 + RUNON_PER_TWI * (twi - TWI_MEAN), 0.5, 2.0)
+    # drainage of the surface layer: 0.5 a day for a loam, faster in sand, slower in clay (sqrt of
+    # the Cosby conductivity ratio), slower where water converges
+    loam_ks = physics.cosby_hydraulics(np.array([40.0]), np.array([20.0]))["ks_mm_day"]
+    drainage = np.clip(0.5 * np.sqrt(hyd["ks_mm_day"] / loam_ks) * np.exp(-0.25 * (twi - TWI_MEAN)), 0.05, 0.95)
 
     # ----- daily water balance and NDVI per 50 m cell --------------------------------------
-    ndvi_max = np.clip(0.35 + 0.5 * np.clip(wetness[sub_cell] * _climate(lon_c, lat_c)["precip_mm"][sub_cell] / 1300, 0, 1)
-                       + rng.normal(0, 0.05, n_sub), 0.25, 0.92)
-    ndvi_min = np.clip(0.08 + rng.normal(0, 0.02, n_sub), 0.02, 0.2)
-    sm, ndvi = water_and_greenness(precip, t_air, sub_cell, lat_c[sub_cell], days, hyd, ndvi_min, ndvi_max)
+    cls = {f: np.array([getattr(c, f) for c in LAND_COVER]) for f in
+           ("ndvi_min", "phenology", "evap_factor", "interception", "stem_factor")}
+    wet01 = np.clip(annual / 1300.0, 0, 1)[sub_cell]
+    nmax_lo, nmax_hi = (np.array([c.ndvi_max[i] for c in LAND_COVER]) for i in (0, 1))
+    ndvi_max = nmax_lo[lc] + (nmax_hi[lc] - nmax_lo[lc]) * wet01 + rng.normal(0, 0.03, n_sub)
+    ndvi_min = cls["ndvi_min"][lc] + rng.normal(0, 0.02, n_sub)
+    evergreen = (lc == FOREST) & (lon_c[sub_cell] < -100)
+    ndvi_min[evergreen] = 0.6 + rng.normal(0, 0.03, int(evergreen.sum()))
+    ndvi_max = np.maximum(ndvi_max, ndvi_min + 0.05)
+    irrigated = (lc == CROPLAND) & (rng.uniform(size=n_sub) < irrigated_share(annual[sub_cell]))
+    irrigated[station_sub] = False
+    params = SurfaceParams(
+        hyd, ndvi_min, ndvi_max, precip_scale=runon * (1 - cls["interception"][lc]), phenology=cls["phenology"][lc],
+        evap_factor=cls["evap_factor"][lc], drainage_rate=drainage, irrigated=irrigated,
+        planting_doy=100 + 3 * (lat_c[sub_cell] - 30) + rng.normal(0, 7, n_sub),
+    )
+    sm, ndvi, thin = water_and_greenness(precip, t_air, sub_cell, lat_c[sub_cell], days, params,
+                                            rain_mult=rain_mult, thin_depth_mm=SENSING_DEPTH_MM)
+    del rain_mult
 
     # ----- Sentinel-1 calendar, SMAP availability ----------------------------------------
     n_years = (len(days) - first) / 365.25
@@ -356,44 +575,63 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
     first_station = stations.drop_duplicates(["r", "c"])  # a 9 km cell is named after its first station
     first_net = first_station.set_index(["r", "c"])["network"]
     cells_per_net = first_net.value_counts()
-    passes = np.full(n_cells, 2)
+    pre_per_cell = max(1, int(cfg.pretrain_samples_per_cell))
+    passes = np.full(n_cells, int(np.clip(np.ceil(pre_per_cell * 1.6 / (n_years * 365.25 / 12)), 2, 8)))
     for i in range(len(st_cells)):
         net = first_net.loc[(cells.at[i, "r"], cells.at[i, "c"])]
-        per_cell = coarse_target[net] / cells_per_net[net]
+        per_cell = max(coarse_target[net] / cells_per_net[net], pre_per_cell)
         passes[i] = int(np.clip(np.ceil(per_cell * 1.6 / (n_years * 365.25 / 12)), 2, 8))
-    pre_per_cell = max(1, int(cfg.pretrain_samples_per_cell))
-    passes[is_pre] = int(np.clip(np.ceil(pre_per_cell * 1.6 / (n_years * 365.25 / 12)), 2, 8))
     s1 = _s1_dates(n_cells, days, first, rng, passes)
+    # frozen ground: ISMN flags in situ data under 0 degC (flags D01-D03, Dorigo et al. 2013) and
+    # SMAP retrieves nothing, so neither scale has samples on frozen days
+    s1 = [(d[t_air[d, j] >= 0.0], a[t_air[d, j] >= 0.0]) for j, (d, a) in enumerate(s1)]
     smap_am = rng.uniform(size=(len(days), n_cells)) < 0.55
     smap_pm = rng.uniform(size=(len(days), n_cells)) < 0.55
 
-    # SMAP-like 9 km soil moisture: footprint mean, ~2-day smoothing, cell bias, noise, AM/PM
-    def footprint_mean(daily: np.ndarray) -> np.ndarray:
-        """(days, cells): mean over each 9 km cell's SUBCELLS 50 m cells (stored cell by cell)."""
-        return daily[:, : n_cells * SUBCELLS].reshape(len(days), n_cells, SUBCELLS).mean(2, dtype=np.float64)
+    def area_mean(daily: np.ndarray, subs: np.ndarray) -> np.ndarray:
+        """(days, cells): mean over each cell's 50 m cells ``subs`` (cells, k), open water left out."""
+        w = land[subs].astype(np.float64)
+        return np.einsum("dck,ck->dc", daily[:, subs], w, dtype=np.float64) / np.maximum(w.sum(1), 1)
 
-    cell_mean = footprint_mean(sm)
-    smooth = cell_mean.copy()
-    for d in range(1, len(days)):
-        smooth[d] = 0.6 * cell_mean[d] + 0.4 * smooth[d - 1]
-    bias = rng.normal(0.0, 0.03, n_cells)
+    # SMAP-like 9 km soil moisture: the top layer over the ~35 km footprint, a dry bias and noise
+    # that grow with vegetation water content, AM and PM passes
+    cell_mean = area_mean(sm, inner_sub)
+    footprint = area_mean(thin, foot_sub)
+    fs = foot_sub.ravel()
+    vwc = physics.vegetation_water_content(ndvi[:, fs], ndvi_min[fs], ndvi_max[fs], cls["stem_factor"][lc[fs]])
+    w = land[foot_sub].astype(np.float64)
+    vwc_foot = (vwc.reshape(len(days), n_cells, FOOTPRINT) * w).sum(2) / np.maximum(w.sum(1), 1)
+    del vwc
+    bias = -(SMAP_DRY_BIAS[0] + SMAP_DRY_BIAS[1] * vwc_foot)
+    noise_sd = SMAP_NOISE[0] + SMAP_NOISE[1] * vwc_foot
     pm_bias = rng.normal(0.015, 0.01, n_cells)
-    am = smooth + bias + rng.normal(0, 0.025, smooth.shape)
-    pm = smooth + bias + pm_bias + rng.normal(0, 0.025, smooth.shape)
-    am[~smap_am], pm[~smap_pm] = np.nan, np.nan
+    am = footprint + bias + noise_sd * rng.standard_normal(footprint.shape)
+    pm = footprint + bias + pm_bias + noise_sd * rng.standard_normal(footprint.shape)
+    am[~smap_am | (t_air < 0)], pm[~smap_pm | (t_air < 0)] = np.nan, np.nan
     pm_corrected = pm - (np.nanmean(pm, axis=0) - np.nanmean(am, axis=0))  # PM to AM by mean difference
     n_obs = (~np.isnan(am)).astype(int) + (~np.isnan(pm_corrected))
     total = np.nan_to_num(am) + np.nan_to_num(pm_corrected)
     with np.errstate(invalid="ignore", divide="ignore"):
         smap = np.where(n_obs > 0, np.clip(total / n_obs, 0.02, 0.6), np.nan)
 
-    # ----- samples -------------------------------------------------------------------------
+    # ----- Sentinel-1: soil under a Water Cloud per class; urban and water without soil signal ----
+    wcm = {k: np.array([getattr(c, k) for c in LAND_COVER]) for k in ("wcm_vv", "wcm_vh")}
+    rms_lo, rms_hi = (np.array([c.rms_cm[i] for c in LAND_COVER]) for i in (0, 1))
+    rms_cm = rng.uniform(rms_lo[lc], rms_hi[lc])
+    z1, z2 = rng.normal(0, CLUTTER_DB, n_sub), rng.normal(0, CLUTTER_DB, n_sub)
+    clutter_vv, clutter_vh = 10 ** (z1 / 10), 10 ** ((0.7 * z1 + 0.714 * z2) / 10)
+    urban_vv = 10 ** (rng.normal(-6.0, 3.0, n_sub) / 10)
+
     def sar(sub: np.ndarray, d: np.ndarray, angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        veg = ndvi[d, sub]
-        vv_s, vh_s = physics.oh_bare_soil(sm[d, sub].astype(float), angle, rms_cm[sub])
-        vv = physics.water_cloud(vv_s, veg, angle, a=0.12, b=0.9)
-        vh = physics.water_cloud(vh_s, veg, angle, a=0.025, b=0.6)
-        return vv, vh
+        c = lc[sub]
+        veg = ndvi[d, sub].astype(float)
+        vv_s, vh_s = physics.oh_bare_soil(thin[d, sub].astype(float), angle, rms_cm[sub])
+        vv = physics.water_cloud(vv_s, veg, angle, a=wcm["wcm_vv"][c, 0], b=wcm["wcm_vv"][c, 1])
+        vh = physics.water_cloud(vh_s, veg, angle, a=wcm["wcm_vh"][c, 0], b=wcm["wcm_vh"][c, 1])
+        wind = 10 ** (rng.normal(0, 3.0, len(sub)) / 10)
+        vv = np.select([c == URBAN, c == WATER], [urban_vv[sub], 10**-2.0 * wind], vv)
+        vh = np.select([c == URBAN, c == WATER], [urban_vv[sub] * 10**-0.7, 10**-2.7 * wind], vh)
+        return vv * clutter_vv[sub], vh * clutter_vh[sub]
 
     def speckle(n: int, looks: float) -> np.ndarray:
         return rng.gamma(looks, 1.0 / looks, n)
@@ -416,9 +654,9 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
         f = DEFAULT_SCHEMA.encode(frame)
         return pd.DataFrame(DEFAULT_SCHEMA.normalise(f), columns=DEFAULT_SCHEMA.feature_names)
 
-    lc_code = np.where(ndvi_max > 0.75, 4, np.where(ndvi_max > 0.6, 12, np.where(ndvi_max > 0.45, 10, 7)))
+    igbp = np.array([c.igbp for c in LAND_COVER])
 
-    # fine: each station's own 50 m cell, on Sentinel-1 dates of its record
+    # ----- fine: each station's own 50 m cell, on Sentinel-1 dates of its record --------------
     caps = np.array([len(s1[j][0]) for j in st_cell])
     if caps.min() <= 5:
         i = int(np.argmin(caps))
@@ -441,25 +679,37 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
     si, sd, sa = np.concatenate(rows_st), np.concatenate(rows_d), np.concatenate(rows_a)
     sub = station_sub[si]
     vv, vh = sar(sub, sd, sa)
-    looks_50m = LOOKS_50M
-    vv, vh = vv * speckle(len(sub), looks_50m), vh * speckle(len(sub), looks_50m)
-    soil = {"sand": sand[sub] * 10, "clay": clay[sub] * 10, "bulk_density": bulk[sub], "elevation": elev[sub],
+    vv, vh = vv * speckle(len(sub), LOOKS_50M), vh * speckle(len(sub), LOOKS_50M)
+    soil = {"sand": sand_in[sub] * 10, "clay": clay_in[sub] * 10, "bulk_density": bulk_in[sub], "elevation": elev[sub],
             "slope": slope[sub], "aspect_deg": aspect[sub]}
     feats = features(st_cell[si], sd, sa, vv, vh, soil, ndvi, sub)
-    offset = rng.normal(0, 0.02, len(stations))  # sensor calibration / representativeness, per station
-    truth = sm[sd, sub] + offset[si] + rng.normal(0, 0.01, len(sub))
-    truth = np.clip(truth, 0.01, hyd["porosity"][sub])
+    # the probe: its point differs from the 50 m cell in time (AR(1)) and reads through its calibration
+    rho, rep_sd = REPRESENTATIVENESS
+    point_error = _ar1(rng, len(days), len(stations), rho, rep_sd)
+    point = np.clip(sm[:, station_sub] + point_error, 0.005, None)
+    # factory calibrations over-read in clay (dielectric loss), and each installation differs
+    gain = 1 + CALIBRATION["gain_per_clay"] * (clay[station_sub] - 20) + rng.normal(0, CALIBRATION["gain_sd"], len(stations))
+    offset = rng.normal(0.0, CALIBRATION["offset_sd"], len(stations))
+    truth = gain[si] * point[sd, si] + offset[si] + rng.normal(0, SENSOR_NOISE, len(sub))
+    truth = np.clip(truth, 0.005, 0.6)
     ids = pd.DataFrame({
         "network": stations["network"].to_numpy()[si], "station": stations["station"].to_numpy()[si],
         "r": stations["r"].to_numpy()[si], "c": stations["c"].to_numpy()[si], "date": days[sd],
-        "lc": lc_code[sub], "sm_m3m3": truth,
+        "lc": igbp[lc[sub]], "sm_m3m3": truth,
     })
     fine_frame = pd.concat([ids, feats], axis=1)
 
-    # 9 km: footprint means on Sentinel-1 dates with a SMAP retrieval
-    ndvi_cell = footprint_mean(ndvi)
+    # ----- 9 km: area means of the cell's 50 m cells on Sentinel-1 dates with a SMAP retrieval ----
+    ndvi_cell = ndvi[:, inner_sub].mean(2, dtype=np.float64)  # NDVI mixes all classes, water too
+    counts_lc = np.stack([(lc[inner_sub] == k).sum(1) for k in range(len(LAND_COVER))], axis=1)
+    dominant = igbp[np.argmax(counts_lc, axis=1)]
 
     def coarse_rows(cell_idx: np.ndarray, counts: np.ndarray, name_of: list[tuple[str, str]]) -> pd.DataFrame:
+        """Samples of these cells, built 100 cells at a time (bounded memory)."""
+        parts = [coarse_block(cell_idx[i : i + 100], counts[i : i + 100], name_of) for i in range(0, len(cell_idx), 100)]
+        return pd.concat(parts, ignore_index=True)
+
+    def coarse_block(cell_idx: np.ndarray, counts: np.ndarray, name_of: list[tuple[str, str]]) -> pd.DataFrame:
         ci, di, ai = [], [], []
         for j, k in zip(cell_idx, counts):
             dates, angles = s1[j]
@@ -471,19 +721,20 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
             di.append(dates[s0 : s0 + k])
             ai.append(angles[s0 : s0 + k])
         ci, di, ai = np.concatenate(ci), np.concatenate(di), np.concatenate(ai)
-        # sigma0 of the footprint: mean of the sub-cells' linear sigma0 (speckle averages out)
-        subs = ci[:, None] * SUBCELLS + np.arange(SUBCELLS)[None, :]
-        vv_sub, vh_sub = sar(subs.ravel(), np.repeat(di, SUBCELLS), np.repeat(ai, SUBCELLS))
-        vv = vv_sub.reshape(-1, SUBCELLS).mean(1) * speckle(len(ci), 4.4 * 810_000)
-        vh = vh_sub.reshape(-1, SUBCELLS).mean(1) * speckle(len(ci), 4.4 * 810_000)
-        soil = {"sand": sand_c[ci] * 10, "clay": clay_c[ci] * 10,
-                "bulk_density": bulk[subs].mean(1), "elevation": elev[subs].mean(1), "slope": slope[subs].mean(1),
-                "aspect_deg": np.degrees(np.arctan2(np.sin(np.radians(aspect[subs])).mean(1), np.cos(np.radians(aspect[subs])).mean(1))) % 360}
+        # sigma0 of the cell: mean of its 50 m cells' linear sigma0 (speckle averages out)
+        subs = inner_sub[ci]
+        vv_sub, vh_sub = sar(subs.ravel(), np.repeat(di, INNER), np.repeat(ai, INNER))
+        vv = vv_sub.reshape(-1, INNER).mean(1) * speckle(len(ci), LOOKS_50M * GRID_9KM.ratio(GRID_50M) ** 2)
+        vh = vh_sub.reshape(-1, INNER).mean(1) * speckle(len(ci), LOOKS_50M * GRID_9KM.ratio(GRID_50M) ** 2)
+        rad = np.radians(aspect[subs])
+        soil = {"sand": sand_in[subs].mean(1) * 10, "clay": clay_in[subs].mean(1) * 10,
+                "bulk_density": bulk_in[subs].mean(1), "elevation": elev[subs].mean(1), "slope": slope[subs].mean(1),
+                "aspect_deg": np.degrees(np.arctan2(np.sin(rad).mean(1), np.cos(rad).mean(1))) % 360}
         feats = features(ci, di, ai, vv, vh, soil, ndvi_cell, ci)
         ids = pd.DataFrame({
             "network": [name_of[j][0] for j in ci], "station": [name_of[j][1] for j in ci],
             "r": cells["r"].to_numpy()[ci], "c": cells["c"].to_numpy()[ci], "date": days[di],
-            "lc": lc_code[ci * SUBCELLS], "sm_m3m3": smap[di, ci],
+            "lc": dominant[ci], "sm_m3m3": smap[di, ci],
         })
         return pd.concat([ids, feats], axis=1)
 
@@ -498,8 +749,8 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
         idx = np.flatnonzero(nets_of_cell == net)
         counts[idx] = _split_total(int(round(coarse_target[net])), len(idx), cap9[idx], rng)
     coarse_frame = coarse_rows(st_cell_idx, counts, names)
-    pre_idx = np.flatnonzero(is_pre)
-    pretrain_frame = coarse_rows(pre_idx, np.full(len(pre_idx), pre_per_cell), names)
+    pre_names = [("PRETRAIN", f"cell_{r}_{c}") for r, c in zip(cells["r"], cells["c"])]
+    pretrain_frame = coarse_rows(np.arange(n_cells), np.full(n_cells, pre_per_cell), pre_names)
 
     fine = samples_from_frame(fine_frame, "fine")
     coarse = samples_from_frame(coarse_frame, "coarse")
@@ -509,15 +760,23 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
     j0 = st_cell[i0]
     series = {"station": pd.DataFrame({
         "date": days[first:], "sm_50m": sm[first:, station_sub[i0]], "sm_9km_true": cell_mean[first:, j0],
-        "smap": smap[first:, j0], "precip_mm": precip[first:, j0], "ndvi": ndvi[first:, station_sub[i0]],
+        "smap": smap[first:, j0], "precip_mm": precip[first:, j0],
+        "ndvi": ndvi[first:, station_sub[i0]],
     }).assign(station=stations.at[i0, "station"])}
-    stations = stations.assign(sand_pct=sand[station_sub], clay_pct=clay[station_sub], porosity=hyd["porosity"][station_sub],
-                               annual_precip_mm=precip[first:, st_cell].sum(0) / n_years)
-    inside = sm[first:, : n_cells * SUBCELLS].reshape(len(days) - first, n_cells, SUBCELLS)
+    stations = stations.assign(
+        sand_pct=sand[station_sub], clay_pct=clay[station_sub], porosity=hyd["porosity"][station_sub],
+        annual_precip_mm=precip[first:, st_cell].sum(0) / n_years,
+        land_cover=[LAND_COVER[k].name for k in lc[station_sub]], wetness_index=twi[station_sub],
+        probe_gain=gain, probe_offset=offset,
+    )
+    inner = sm[first:][:, inner_sub]  # (days, cells, INNER)
+    inner = np.where(land[inner_sub][None], inner, np.nan)
     diagnostics = {
-        "within_cell_sd": inside.std(axis=2, ddof=1).mean(axis=0),  # per 9 km cell, mean over days
-        "station_sm_50m": sm[first:, station_sub],  # (days, stations): each station's 50 m cell
-        "station_sm_9km": cell_mean[first:, st_cell],  # (days, stations): its 9 km footprint mean
+        # (days, cells): SD and mean of the 50 m soil moisture inside each 9 km cell
+        "within_cell_sd": np.nanstd(inner, axis=2, ddof=1).astype(np.float32),
+        "within_cell_mean": np.nanmean(inner, axis=2).astype(np.float32),
+        "station_sm_point": point[first:],  # (days, stations): the probe's point, before calibration
+        "station_sm_9km": cell_mean[first:, st_cell],  # (days, stations): the mean of its 9 km cell
         "looks_50m": LOOKS_50M,
     }
     return Benchmark(fine, coarse, pretrain, stations, cfg, series, diagnostics)

@@ -6,6 +6,10 @@ References (equation numbers in docs/simulate.md):
 - Oh, Sarabandi & Ulaby (1992), IEEE TGRS 30:370: bare-soil backscatter, VV and cross-pol.
 - Attema & Ulaby (1978), Radio Sci. 13:357: Water Cloud Model for the vegetation layer.
 - Hamon (1961), J. Hydraul. Div. ASCE 87:107: temperature-based potential evaporation.
+- Oh (2002), IEEE TGRS 40:1348 (Oh, Sarabandi & Ulaby's revised model): cross-pol ratio q.
+- Allen et al. (1998), FAO Irrigation and Drainage Paper 56, ch. 7: evaporation reduction Kr.
+- Beven & Kirkby (1979), Hydrol. Sci. Bull. 24:43: topographic wetness index.
+- SMAP L2 passive ATBD (O'Neill et al.), after Jackson et al. (2004): vegetation water content from NDVI.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ C_BAND_WAVENUMBER = 2 * np.pi / 5.547  # Sentinel-1, 5.405 GHz, per cm
 
 
 def cosby_hydraulics(sand_pct: np.ndarray, clay_pct: np.ndarray) -> dict[str, np.ndarray]:
-    """Porosity, field capacity and wilting point (m3/m3) from texture (Cosby et al. 1984, Table 4).
+    """Porosity, field capacity, wilting point (m3/m3) and saturated conductivity (mm/day) from
+    texture (Cosby et al. 1984, Table 4).
 
     theta_s = (50.5 - 0.142 sand - 0.037 clay)/100; b = 3.10 + 0.157 clay - 0.003 sand;
     psi_s = 10**(1.54 - 0.0095 sand + 0.0063 silt) cm; theta(psi) = theta_s (psi/psi_s)**(-1/b),
@@ -28,7 +33,10 @@ def cosby_hydraulics(sand_pct: np.ndarray, clay_pct: np.ndarray) -> dict[str, np
     psi_s = 10 ** (1.54 - 0.0095 * sand_pct + 0.0063 * silt)
     theta_fc = theta_s * (330.0 / psi_s) ** (-1.0 / b)
     theta_wp = theta_s * (15300.0 / psi_s) ** (-1.0 / b)
-    return {"porosity": theta_s, "field_capacity": np.minimum(theta_fc, 0.95 * theta_s), "wilting_point": theta_wp}
+    # saturated conductivity, Cosby et al. (1984) Table 4: log10 Ks = -0.60 + 0.0126 sand - 0.0064 clay (in/h)
+    ks_mm_day = 25.4 * 24 * 10 ** (-0.60 + 0.0126 * sand_pct - 0.0064 * clay_pct)
+    return {"porosity": theta_s, "field_capacity": np.minimum(theta_fc, 0.95 * theta_s), "wilting_point": theta_wp,
+            "ks_mm_day": ks_mm_day}
 
 
 def hamon_pet(t_air_c: np.ndarray, day_length_h: np.ndarray) -> np.ndarray:
@@ -54,19 +62,24 @@ def bucket_step(
     pet_mm: np.ndarray,
     hyd: dict[str, np.ndarray],
     depth_mm: float = 50.0,
-    drainage_rate: float = 0.5,
+    drainage_rate: np.ndarray | float = 0.5,
+    evap_factor: np.ndarray | float = 1.0,
 ) -> np.ndarray:
-    """One day of a surface-layer water balance (0-5 cm); soil moisture in m3/m3.
+    """One day of a surface-layer water balance (0-5 cm by default); soil moisture in m3/m3.
 
-    Infiltration fills up to porosity (excess runs off); evaporation = PET * beta with
-    beta = (theta - wp)/(fc - wp) in [0, 1]; drainage = k (theta - fc) above field capacity.
+    Infiltration fills up to porosity (excess runs off). Evaporation = evap_factor * PET * Kr,
+    Kr the FAO-56 reduction (Allen et al. 1998, eq. 74) on the layer's evaporable water, which
+    reaches down to half the wilting point (FAO-56 eq. 73: TEW = (FC - 0.5 WP) Ze), with the
+    readily evaporable part (stage 1, Kr = 1) 35 % of it (FAO-56 Table 19: REW/TEW ~ 0.3-0.4).
+    Drainage = k (theta - fc) above field capacity.
     """
     por, fc, wp = hyd["porosity"], hyd["field_capacity"], hyd["wilting_point"]
     theta = np.minimum(theta + precip_mm / depth_mm, por)
-    beta = np.clip((theta - wp) / (fc - wp), 0.0, 1.0)
-    theta = theta - pet_mm * beta / depth_mm
+    dry = 0.5 * wp
+    kr = np.clip((theta - dry) / (0.65 * (fc - dry)), 0.0, 1.0)
+    theta = theta - evap_factor * pet_mm * kr / depth_mm
     theta = theta - drainage_rate * np.maximum(theta - fc, 0.0)
-    return np.maximum(theta, 0.5 * wp)
+    return np.maximum(theta, dry)
 
 
 def topp_permittivity(theta: np.ndarray) -> np.ndarray:
@@ -75,10 +88,14 @@ def topp_permittivity(theta: np.ndarray) -> np.ndarray:
 
 
 def oh_bare_soil(theta: np.ndarray, angle_deg: np.ndarray, rms_cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bare-soil sigma0 (linear) VV and VH, Oh et al. (1992) with Topp permittivity.
+    """Bare-soil sigma0 (linear) VV and VH with Topp permittivity.
 
-    p = [1 - (2 th/pi)**(1/(3 G0)) exp(-ks)]**2, q = 0.23 sqrt(G0) (1 - exp(-ks)),
-    sigma_vv = g cos^3 th (Gv + Gh) / sqrt(p), g = 0.7 [1 - exp(-0.65 ks**1.8)], sigma_vh = q sigma_vv.
+    VV from Oh et al. (1992): p = [1 - (2 th/pi)**(1/(3 G0)) exp(-ks)]**2,
+    sigma_vv = g cos^3 th (Gv + Gh) / sqrt(p), g = 0.7 [1 - exp(-0.65 ks**1.8)].
+    VH = q VV with the revised cross-pol ratio of Oh (2002), which depends on angle and roughness
+    but not on moisture: q = 0.095 (0.13 + sin 1.5 th)**1.4 (1 - exp(-1.3 ks**0.9)). (The 1992
+    ratio q = 0.23 sqrt(G0)(1 - exp(-ks)) grows with moisture and makes bare-soil VH more
+    sensitive than VV, which observations do not show.)
     """
     eps = topp_permittivity(theta)
     th = np.radians(angle_deg)
@@ -89,9 +106,9 @@ def oh_bare_soil(theta: np.ndarray, angle_deg: np.ndarray, rms_cm: np.ndarray) -
     gamma_0 = np.abs((1 - np.sqrt(eps)) / (1 + np.sqrt(eps))) ** 2
     ks = C_BAND_WAVENUMBER * rms_cm
     p = (1 - (2 * th / np.pi) ** (1 / (3 * gamma_0)) * np.exp(-ks)) ** 2
-    q = 0.23 * np.sqrt(gamma_0) * (1 - np.exp(-ks))
     g = 0.7 * (1 - np.exp(-0.65 * ks**1.8))
     vv = g * cos**3 * (gamma_v + gamma_h) / np.sqrt(p)
+    q = 0.095 * (0.13 + np.sin(1.5 * th)) ** 1.4 * (1 - np.exp(-1.3 * ks**0.9))
     return vv, q * vv
 
 
@@ -106,6 +123,20 @@ def water_cloud(
     v = np.clip(veg, 0.0, None)
     tau2 = np.exp(-2.0 * b * v / cos)
     return a * v * cos * (1 - tau2) + tau2 * soil_sigma
+
+
+def wetness_index(slope_deg: np.ndarray, catchment_m: np.ndarray) -> np.ndarray:
+    """Topographic wetness index ln(a / tan beta) (Beven & Kirkby 1979): a the specific upslope
+    area (m2 per m of contour), beta the local slope (tan beta at least 0.005 on flats)."""
+    return np.log(catchment_m / np.maximum(np.tan(np.radians(slope_deg)), 0.005))
+
+
+def vegetation_water_content(ndvi: np.ndarray, ndvi_min: np.ndarray, ndvi_max: np.ndarray,
+                             stem_factor: np.ndarray) -> np.ndarray:
+    """Vegetation water content (kg/m2) as the SMAP baseline computes it from NDVI: foliage
+    1.9134 NDVI^2 - 0.3215 NDVI plus stem_factor (NDVI_max - NDVI_min)/(1 - NDVI_min)."""
+    foliage = np.maximum(1.9134 * ndvi**2 - 0.3215 * ndvi, 0.0)
+    return foliage + stem_factor * np.clip((ndvi_max - ndvi_min) / (1 - ndvi_min), 0, 1)
 
 
 def db(x: np.ndarray) -> np.ndarray:

@@ -26,9 +26,11 @@ from msda.grids import CRS, GRID_9KM, GRID_50M, xy_to_lonlat
 from msda.simulate import physics
 from msda.simulate.generator import (
     HISTORY_DAYS,
+    LOOKS_50M,
     SPINUP_DAYS,
     STEP_DAYS,
     STEPS,
+    SurfaceParams,
     _climate,
     _elevation,
     _weather,
@@ -36,7 +38,6 @@ from msda.simulate.generator import (
 )
 
 S1_REPEAT_DAYS = 12
-LOOKS_50M = 4.4 * 25  # equivalent number of looks of a 50 m Sentinel-1 pixel
 
 
 def _field(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
@@ -125,10 +126,8 @@ def simulate_scene(
 
     keep = days >= acq[0] - pd.Timedelta(days=HISTORY_DAYS)
     kept = days[keep]
-    sm, ndvi = water_and_greenness(
-        precip, t_air, cell_of, plat.ravel(), days, hyd, ndvi_min.ravel(), ndvi_max.ravel(),
-        precip_scale=precip_scale.ravel(), keep=keep,
-    )
+    params = SurfaceParams(hyd, ndvi_min.ravel(), ndvi_max.ravel(), precip_scale=precip_scale.ravel())
+    sm, ndvi, _ = water_and_greenness(precip, t_air, cell_of, plat.ravel(), days, params, keep=keep)
 
     n_pix = ny * nx
     ndvi_cs = np.vstack([np.zeros((1, n_pix)), np.cumsum(ndvi, axis=0, dtype=np.float64)])
