@@ -23,6 +23,7 @@ import torch
 from msda.io import atomic_path, check_output
 from msda.metrics import scores
 from msda.model import DenseSME, MemberSpec, default_members
+from msda.network.spec import DEFAULT_ARCH, ArchSpec
 from msda.predict import predict
 from msda.tables import TRUTH, Samples
 from msda.transfer import (
@@ -46,13 +47,15 @@ def pretrain(
     members: list[MemberSpec] | None = None,
     progress: bool = True,
     force: bool = False,
+    arch: ArchSpec = DEFAULT_ARCH,
 ) -> FitResult:
-    """Train a DenseSM-E from scratch on 9 km samples (SMAP truth, MSE); write the weights to ``out``."""
+    """Train a DenseSM-E of architecture ``arch`` from scratch on 9 km samples (SMAP truth, MSE);
+    write the weights to ``out``."""
     check_output(out, "weights", (coarse.source,), force)
     if len(coarse) < 2:
         raise TransferError(f"{coarse.source}: need at least 2 samples to pretrain, got {len(coarse)}")
     specs = members if members is not None else default_members()
-    ensemble = DenseSME(specs, schema=coarse.schema, seed=settings.seed)
+    ensemble = DenseSME(specs, schema=coarse.schema, seed=settings.seed, arch=arch)
     x = torch.from_numpy(np.array(coarse.features()))
     y = torch.from_numpy(coarse.truth.copy())
     result = fit(ensemble, FitData(x, y), LossWeights(alpha=1.0, beta=0.0), settings, progress, description="pretrain")

@@ -28,6 +28,7 @@ _state = {"debug": False}
 
 SchemaOpt = typer.Option(None, "--schema", help="Feature schema file (TOML/YAML/JSON); default: Table 1.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing --out that msda did not write (never an input).")
+ArchOpt = typer.Option(None, "--arch", help="Architecture file (TOML/YAML/JSON, keys of msda.network.ArchSpec); default: the paper's.")
 
 
 def _out(out: Path, kind: str, *inputs, force: bool = False) -> None:
@@ -41,6 +42,12 @@ def _schema(path: Optional[Path]):
     from msda.schema import DEFAULT_SCHEMA, load_schema
 
     return DEFAULT_SCHEMA if path is None else load_schema(path)
+
+
+def _arch(path: Optional[Path]):
+    from msda.network.spec import DEFAULT_ARCH, ArchSpec
+
+    return DEFAULT_ARCH if path is None else ArchSpec.load(path)
 
 
 def _scheduler(address: Optional[str]) -> None:
@@ -148,6 +155,7 @@ def weights_info(weights: Path = typer.Argument(..., help="Weights directory or 
     n_params = sum(p.numel() for p in e.parameters())
     typer.echo(f"{weights}: {len(e.specs)} members, {n_params:,} parameters, schema {e.schema.name}")
     typer.echo("members: " + ", ".join(e.names))
+    typer.echo(f"architecture{' (default)' if e.arch.is_default else ''}: {e.arch.describe()}")
     for k, v in getattr(e, "provenance", {}).items():
         typer.echo(f"  {k}: {v}")
 
@@ -170,8 +178,8 @@ def weights_convert(
     if to == "msda":
         save_ensemble(e, dst, provenance(converted_from=str(src), source=getattr(e, "provenance", {})), force=force)
     elif to == "authors":
-        if not e.schema.is_default:
-            raise MsdaError(f"{src}: only Table 1 weights can be written in the authors' layout")
+        if not e.schema.is_default or not e.arch.is_default:
+            raise MsdaError(f"{src}: only Table 1 weights of the default architecture can be written in the authors' layout")
         save_authors(e, dst, force=force)
     else:
         raise MsdaError(f"--to must be msda or authors, got {to!r}")
@@ -185,6 +193,7 @@ def weights_init(
     widths: str = typer.Option("8,16,32,64,128", help="Comma-separated widths w."),
     depths: str = typer.Option("1,2,3,4,5", help="Comma-separated depths d."),
     schema: Optional[Path] = SchemaOpt,
+    arch: Optional[Path] = ArchOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Write an untrained, seeded DenseSM-E (the starting point of training from scratch)."""
@@ -192,8 +201,8 @@ def weights_init(
     from msda.provenance import provenance
     from msda.weights import save_ensemble
 
-    _out(out, "weights", schema, force=force)
-    e = DenseSME(_members(widths, depths), schema=_schema(schema), seed=seed)
+    _out(out, "weights", schema, arch, force=force)
+    e = DenseSME(_members(widths, depths), schema=_schema(schema), seed=seed, arch=_arch(arch))
     save_ensemble(e, out, provenance(kind="untrained initialisation", seed=seed), force=force)
     typer.echo(f"wrote {out} ({len(e.specs)} untrained members, seed {seed})")
 
@@ -297,6 +306,7 @@ def pretrain(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the training step."),
     parts: int = typer.Option(0, "--parts", min=0, help="Train the members in this many parts side by side (CPU threads); 0: automatic."),
     schema: Optional[Path] = SchemaOpt,
+    arch: Optional[Path] = ArchOpt,
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
     force: bool = ForceOpt,
 ) -> None:
@@ -305,12 +315,13 @@ def pretrain(
     from msda.tables import read_samples
     from msda.transfer import TrainSettings
 
-    _out(out, "weights", samples, schema, force=force)
+    _out(out, "weights", samples, schema, arch, force=force)
     specs = _members(widths, depths)
+    spec = _arch(arch)
     coarse = read_samples(samples, None, _schema(schema), drop_nan)
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
                              device=device, compile=compile, parts=parts)
-    res = run_pretrain(coarse, out, settings, specs, force=force)
+    res = run_pretrain(coarse, out, settings, specs, force=force, arch=spec)
     last = [r for r in res.losses if r["epoch"] == epochs]
     mse = sum(r["fine_50m"] for r in last) / len(last)
     typer.echo(f"wrote {out}: {len(last)} members, {epochs} epochs on {len(coarse)} samples in {res.seconds:.1f} s "

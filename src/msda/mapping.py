@@ -306,12 +306,12 @@ _PREDICT_LOCK = threading.Lock()  # one prediction at a time per process: torch 
 @functools.lru_cache(maxsize=2)
 def _engine(weights: str, device: str, compile: bool = False):
     """The fused ensemble of ``weights``, built once per process (each Dask worker has its own)."""
-    from msda.predict import FusedEnsemble
+    from msda.predict import inference_engine
     from msda.runtime import resolve_device
     from msda.weights import load_ensemble
 
     ensemble = load_ensemble(weights)
-    return FusedEnsemble(ensemble.eval(), resolve_device(device), compile=compile), ensemble.schema
+    return inference_engine(ensemble.eval(), resolve_device(device), compile=compile), ensemble.schema
 
 
 def block_features(stack: Stack, schema: FeatureSchema, t: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

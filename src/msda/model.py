@@ -2,7 +2,9 @@
 
 Module and parameter names follow the authors' DWN module (``conv_block.conv1``, ``norm``,
 ``dense_layers.K.linear1``, ``fc_layers.0.linear1``, ``out``) so that their published state
-dicts load as they are. Layer sizes come from the feature schema.
+dicts load as they are. Layer sizes come from the feature schema and the architecture
+(``msda.network.ArchSpec``; the default is the paper's). These modules are the reference every
+faster engine is tested against, and the engine for any architecture the others do not cover.
 """
 
 from __future__ import annotations
@@ -15,62 +17,65 @@ import torch.nn.functional as F
 from torch import nn
 
 from msda.errors import WeightsError
+from msda.network.spec import DEFAULT_ARCH, ArchSpec
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema, whole_number
 
-CONV_FILTERS = (32, 16, 4)
-POOL_WINDOWS = (2, 2, 4)
-KERNEL = 5
-DROPOUT = 0.5
-BOTTLENECK = 32  # the "features" of the domain loss
+# the default architecture's sizes, for the engines written for it alone (stacked, fused, native)
+CONV_FILTERS = DEFAULT_ARCH.conv_filters
+POOL_WINDOWS = DEFAULT_ARCH.pools
+KERNEL = DEFAULT_ARCH.kernel
+DROPOUT = DEFAULT_ARCH.dropout
+BOTTLENECK = DEFAULT_ARCH.bottleneck  # the "features" of the domain loss
 DEFAULT_WIDTHS = (8, 16, 32, 64, 128)
 DEFAULT_DEPTHS = (1, 2, 3, 4, 5)
 MAX_DEPTH, MAX_WIDTH, MAX_MEMBERS = 16, 1024, 256  # refused before anything is allocated
 MAX_PARAMETERS = 2**28  # of a whole ensemble (1 GiB of float32)
 
 
-def pooled_length(length: int) -> int:
-    """Series length after the three poolings (floor, floor, ceil): 46 -> 23 -> 11 -> 3."""
-    n = length // POOL_WINDOWS[0]
-    n = n // POOL_WINDOWS[1]
-    return -(-n // POOL_WINDOWS[2])
+def pooled_length(length: int, arch: ArchSpec = DEFAULT_ARCH) -> int:
+    """Series length after the poolings (floor, then ceil for the last): 46 -> 23 -> 11 -> 3."""
+    return arch.pooled_length(length)
 
 
 class ConvBlock(nn.Module):
-    """Temporal feature extractor: 3 x (Conv1d k5 replicate -> BN -> ReLU -> Dropout -> AvgPool)."""
+    """Temporal feature extractor: per convolution i, Conv1d (replicate padding) -> BN -> ReLU ->
+    Dropout -> AvgPool (the last rounding up); modules ``conv<i>``, ``bn<i>``, ``dp<i>``."""
 
-    def __init__(self, n_series: int):
+    def __init__(self, n_series: int, arch: ArchSpec = DEFAULT_ARCH):
         super().__init__()
-        chans = (n_series, *CONV_FILTERS)
-        pad = KERNEL // 2
-        self.conv1 = nn.Conv1d(chans[0], chans[1], KERNEL, padding=pad, padding_mode="replicate")
-        self.bn1 = nn.BatchNorm1d(chans[1])
-        self.conv2 = nn.Conv1d(chans[1], chans[2], KERNEL, padding=pad, padding_mode="replicate")
-        self.bn2 = nn.BatchNorm1d(chans[2])
-        self.conv3 = nn.Conv1d(chans[2], chans[3], KERNEL, padding=pad, padding_mode="replicate")
-        self.bn3 = nn.BatchNorm1d(chans[3])
-        self.dp1, self.dp2, self.dp3 = nn.Dropout(DROPOUT), nn.Dropout(DROPOUT), nn.Dropout(DROPOUT)
+        chans = (n_series, *arch.conv_filters)
+        self.pools = arch.pools
+        for i in range(len(arch.conv_filters)):
+            self.add_module(f"conv{i + 1}", nn.Conv1d(chans[i], chans[i + 1], arch.kernel, padding=arch.kernel // 2,
+                                                      padding_mode="replicate"))
+            self.add_module(f"bn{i + 1}", nn.BatchNorm1d(chans[i + 1]))
+        for i in range(len(arch.conv_filters)):
+            self.add_module(f"dp{i + 1}", nn.Dropout(arch.dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.avg_pool1d(self.dp1(F.relu(self.bn1(self.conv1(x)))), POOL_WINDOWS[0])
-        x = F.avg_pool1d(self.dp2(F.relu(self.bn2(self.conv2(x)))), POOL_WINDOWS[1])
-        x = F.avg_pool1d(self.dp3(F.relu(self.bn3(self.conv3(x)))), POOL_WINDOWS[2], ceil_mode=True)
+        last = len(self.pools) - 1
+        for i, window in enumerate(self.pools):
+            conv, bn, dp = (getattr(self, f"{k}{i + 1}") for k in ("conv", "bn", "dp"))
+            x = F.avg_pool1d(dp(F.relu(bn(conv(x)))), window, ceil_mode=i == last)
         return x.flatten(1)
 
 
 class DenseBlock(nn.Module):
-    """Three Linear -> BN -> ReLU layers of width w; the output is concatenated to the input."""
+    """``layers`` Linear -> BN -> ReLU layers of width w (``linear<i>``, ``bn<i>``); the output is
+    concatenated to the input."""
 
-    def __init__(self, n_in: int, width: int):
+    def __init__(self, n_in: int, width: int, layers: int = DEFAULT_ARCH.block_layers):
         super().__init__()
-        self.linear1 = nn.Linear(n_in, width)
-        self.linear2 = nn.Linear(width, width)
-        self.linear3 = nn.Linear(width, width)
-        self.bn1, self.bn2, self.bn3 = nn.BatchNorm1d(width), nn.BatchNorm1d(width), nn.BatchNorm1d(width)
+        self.layers = layers
+        for i in range(layers):
+            self.add_module(f"linear{i + 1}", nn.Linear(n_in if i == 0 else width, width))
+        for i in range(layers):
+            self.add_module(f"bn{i + 1}", nn.BatchNorm1d(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(self.linear1(x)))
-        h = F.relu(self.bn2(self.linear2(h)))
-        h = F.relu(self.bn3(self.linear3(h)))
+        h = x
+        for i in range(self.layers):
+            h = F.relu(getattr(self, f"bn{i + 1}")(getattr(self, f"linear{i + 1}")(h)))
         return torch.cat((h, x), dim=1)
 
 
@@ -92,24 +97,25 @@ class DenseSM(nn.Module):
     Input: normalised features in schema order, shape (batch, schema.n_features).
     """
 
-    def __init__(self, depth: int, width: int, schema: FeatureSchema = DEFAULT_SCHEMA):
+    def __init__(self, depth: int, width: int, schema: FeatureSchema = DEFAULT_SCHEMA, arch: ArchSpec = DEFAULT_ARCH):
         super().__init__()
         MemberSpec(depth, width)  # checks the sizes
-        self.depth, self.width, self.schema = depth, width, schema
+        self.depth, self.width, self.schema, self.arch = depth, width, schema, arch
         self.n_scalars, self.n_series, self.length = schema.n_scalars, schema.n_series, schema.series_length
-        self.n_in = self.n_scalars + self.n_series + CONV_FILTERS[-1] * pooled_length(self.length)
-        self.conv_block = ConvBlock(self.n_series)
+        self.n_in = n_dense_inputs(schema, arch)
+        self.conv_block = ConvBlock(self.n_series, arch)
         self.norm = nn.BatchNorm1d(self.n_in)
-        self.dense_layers = nn.Sequential(*[DenseBlock(self.n_in + k * width, width) for k in range(depth)])
-        self.fc_layers = nn.Sequential(Bottleneck(self.n_in + depth * width))
-        self.out = nn.Linear(BOTTLENECK, 1)
+        self.dense_layers = nn.Sequential(*[DenseBlock(self.n_in + k * width, width, arch.block_layers)
+                                            for k in range(depth)])
+        self.fc_layers = nn.Sequential(Bottleneck(self.n_in + depth * width, arch.bottleneck))
+        self.out = nn.Linear(arch.bottleneck, 1)
 
     @property
     def name(self) -> str:
         return member_name(self.depth, self.width)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The 32 bottleneck features used by the domain loss (METHOD.md section 4)."""
+        """The bottleneck features (32 by default) used by the domain loss (METHOD.md section 4)."""
         scalars = x[:, : self.n_scalars]
         series = x[:, self.n_scalars :].reshape(x.shape[0], self.n_series, self.length)
         h = torch.cat((scalars, series.mean(dim=2), self.conv_block(series)), dim=1)
@@ -119,6 +125,14 @@ class DenseSM(nn.Module):
         f = self.features(x)
         y = self.out(f).squeeze(1)
         return (y, f) if return_features else y
+
+
+def n_dense_inputs(schema: FeatureSchema, arch: ArchSpec = DEFAULT_ARCH) -> int:
+    """Inputs of the dense blocks: scalars, series means and the temporal features; refuses a
+    series too short for the poolings."""
+    if schema.n_series and arch.pooled_length(schema.series_length) < 1:
+        raise WeightsError(f"series of length {schema.series_length} are too short for poolings {list(arch.pools)}")
+    return schema.n_scalars + schema.n_series + arch.conv_features(max(schema.series_length, 1))
 
 
 def member_name(depth: int, width: int) -> str:
@@ -143,12 +157,13 @@ class MemberSpec:
     def name(self) -> str:
         return member_name(self.depth, self.width)
 
-    def parameters(self, n_in: int) -> int:
-        """Trainable parameters of this member on ``n_in`` inputs to its dense blocks."""
-        w, total = self.width, 0
+    def parameters(self, n_in: int, arch: ArchSpec = DEFAULT_ARCH) -> int:
+        """Trainable parameters of this member's dense part on ``n_in`` inputs to its dense blocks."""
+        w, total, layers = self.width, 0, arch.block_layers
         for k in range(self.depth):
-            total += (n_in + k * w) * w + 2 * w * w + 9 * w  # three linears, their biases and batch norms
-        return total + (n_in + self.depth * w + 3) * BOTTLENECK + 1
+            # the linears, their biases and batch norms
+            total += (n_in + k * w) * w + (layers - 1) * w * w + 3 * layers * w
+        return total + (n_in + self.depth * w + 3) * arch.bottleneck + 1
 
 
 def default_members(
@@ -166,6 +181,7 @@ class DenseSME(nn.Module):
         members: Sequence[MemberSpec] | None = None,
         schema: FeatureSchema = DEFAULT_SCHEMA,
         seed: int | None = None,
+        arch: ArchSpec = DEFAULT_ARCH,
     ):
         super().__init__()
         specs = list(members) if members is not None else default_members()
@@ -176,18 +192,19 @@ class DenseSME(nn.Module):
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise WeightsError(f"duplicated members in {names}")
-        n_in = schema.n_scalars + schema.n_series + CONV_FILTERS[-1] * pooled_length(max(schema.series_length, 1))
-        size = sum(s.parameters(n_in) for s in specs)
+        n_in = n_dense_inputs(schema, arch)
+        size = sum(s.parameters(n_in, arch) for s in specs)
         if size > MAX_PARAMETERS:
             raise WeightsError(f"DenseSM-E of {size:,} parameters; at most {MAX_PARAMETERS:,} (members {names[:5]}...)")
         self.schema = schema
         self.specs = specs
+        self.arch = arch
         if seed is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.members = nn.ModuleList([DenseSM(s.depth, s.width, schema) for s in specs])
+                self.members = nn.ModuleList([DenseSM(s.depth, s.width, schema, arch) for s in specs])
         else:
-            self.members = nn.ModuleList([DenseSM(s.depth, s.width, schema) for s in specs])
+            self.members = nn.ModuleList([DenseSM(s.depth, s.width, schema, arch) for s in specs])
 
     @property
     def names(self) -> list[str]:

@@ -173,6 +173,12 @@ class FusedEnsemble:
             self.dense = [_FusedMember(mb).to_device(self.device) for mb in members]
         self.native = self._native_stage(native, compile)
 
+    @staticmethod
+    def covers(ensemble: DenseSME) -> bool:
+        """Whether this engine computes the ensemble's architecture: the default spec only (its
+        stages are written for three convolutions and poolings of 2, 2 and 4)."""
+        return ensemble.arch.is_default
+
     def _native_stage(self, wanted: bool | None, compile: bool) -> native.ConvStage | None:
         if wanted is False or (wanted is None and (compile or self.device.type != "cpu")):
             return None
@@ -241,6 +247,16 @@ class FusedEnsemble:
         return torch.stack([member(torch.cat((shared, conv[:, j]), dim=1)) for j, member in enumerate(self.dense)], 1)
 
 
+def inference_engine(ensemble: DenseSME, device: str | torch.device = "cpu", compile: bool = False):
+    """The fastest inference engine that covers the ensemble's architecture: ``FusedEnsemble``
+    for the default spec, else the reference modules (``msda.network.reference``)."""
+    if FusedEnsemble.covers(ensemble):
+        return FusedEnsemble(ensemble, device, compile=compile)
+    from msda.network.reference import ReferenceEngine
+
+    return ReferenceEngine(ensemble, device)
+
+
 class PredictionError(MsdaError):
     """A prediction that is not a finite number."""
 
@@ -262,8 +278,8 @@ def predict(
     """
     engine = (
         ensemble
-        if isinstance(ensemble, FusedEnsemble)
-        else FusedEnsemble(ensemble.eval(), resolve_device(device), compile=compile)
+        if not isinstance(ensemble, DenseSME)
+        else inference_engine(ensemble.eval(), resolve_device(device), compile=compile)
     )
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
@@ -315,7 +331,7 @@ def predict_table(
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise MsdaError(f"{out}: output must end in .parquet or .csv")
     check_output(out, "predictions", (table,), force)
-    engine = FusedEnsemble(ensemble.eval(), resolve_device(device), compile=compile)
+    engine = inference_engine(ensemble.eval(), resolve_device(device), compile=compile)
     rows = 0
     with atomic_path(out, "predictions", inputs=(table,), force=force) as tmp:
         writer = None

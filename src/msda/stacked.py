@@ -922,6 +922,12 @@ class PartedEnsemble(nn.Module):
         self.order = [g[i] for g, part in zip(self.members, self.parts) for i in part.order]
         self.inverse = [self.order.index(i) for i in range(len(specs))]
 
+    @staticmethod
+    def covers(ensemble: DenseSME) -> bool:
+        """Whether the stacked trainer computes the ensemble's architecture: the default spec only
+        (its convolution stage and the C kernels are written for it)."""
+        return ensemble.arch.is_default
+
     @classmethod
     def from_ensemble(cls, ensemble: DenseSME, parts: int = 1, seed: int | None = None,
                       device: torch.device | str | None = None) -> "PartedEnsemble":

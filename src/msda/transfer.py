@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from msda.errors import MsdaError
 from msda.losses import DOMAIN_LOSSES, mse
 from msda.model import DenseSME
-from msda.predict import FusedEnsemble
+from msda.predict import inference_engine
 from msda.runtime import bar_interval, resolve_device, tune_allocator
 from msda.schema import FeatureSchema
 from msda.stacked import PartedEnsemble, StackedEnsemble, member_cost
@@ -223,7 +223,7 @@ def eq4_beta(ensemble: DenseSME, data: FitData, alpha: float, domain_loss: str, 
     """
     if data.x_target is None:
         raise TransferError("beta = auto needs target samples")
-    engine = FusedEnsemble(ensemble, device=data.x_labeled.device)
+    engine = inference_engine(ensemble, device=data.x_labeled.device)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = [engine.member_features(part) for part in x.split(chunk)]
@@ -280,7 +280,8 @@ def fit(
         torch.manual_seed(settings.seed)
         rows = settings.batch * (1 + weights.uses_9km + weights.uses_target)
         n_parts = settings.parts or auto_parts(ensemble.specs, rows, device)
-        stacked = PartedEnsemble.from_ensemble(ensemble, n_parts, seed=settings.seed, device=device)
+        stacked = training_engine(ensemble, n_parts, settings.seed, device)
+        n_parts = len(stacked.parts)
         x_lab, y_lab = data.x_labeled.to(device), data.y_labeled.to(device)
         m = len(ensemble.specs)
         if weights.beta == "auto":
@@ -390,6 +391,16 @@ def fit(
         steps=steps,
         device=str(device),
     )
+
+
+def training_engine(ensemble: DenseSME, parts: int, seed: int, device: torch.device):
+    """The fastest trainer that covers the ensemble's architecture: the stacked members
+    (``PartedEnsemble``, default spec) or the reference modules in one part (any spec)."""
+    if PartedEnsemble.covers(ensemble):
+        return PartedEnsemble.from_ensemble(ensemble, parts, seed=seed, device=device)
+    from msda.network.reference import ReferenceParted
+
+    return ReferenceParted(ensemble, device)
 
 
 PARTS_MIN_WORK = 1.2e9  # multiply-adds per step above which two parts beat one (measured on 2 cores)

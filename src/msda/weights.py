@@ -1,7 +1,7 @@
 """DenseSM-E weights: the authors' per-member ``.pt`` state dicts and our safetensors + manifest.
 
 Our format is a directory with ``weights.safetensors`` (keys ``<member>.<param>``) and
-``manifest.json`` (schema, members, provenance); it never uses pickle. The authors' ``.pt`` files
+``manifest.json`` (schema, members, architecture, provenance); it never uses pickle. The authors' ``.pt`` files
 are pickles, read with ``torch.load(weights_only=True)`` so that a downloaded file cannot run code.
 """
 
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from msda.errors import WeightsError
 from msda.io import atomic_path
 from msda.model import MAX_MEMBERS, DenseSM, DenseSME, MemberSpec
+from msda.network.spec import DEFAULT_ARCH, ArchSpec
 from msda.provenance import provenance
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema
 
@@ -48,6 +49,7 @@ def save_ensemble(ensemble: DenseSME, path: str | Path, provenance_info: dict[st
         "format_version": FORMAT_VERSION,
         "schema": ensemble.schema.to_dict(),
         "members": [{"name": s.name, "depth": s.depth, "width": s.width} for s in ensemble.specs],
+        "arch": ensemble.arch.to_dict(),
         "provenance": provenance_info if provenance_info is not None else provenance(),
     }
     with atomic_path(path, "weights", force=force) as tmp:
@@ -101,7 +103,8 @@ def _load_ours(path: Path, schema: FeatureSchema | None) -> DenseSME:
         tensors = load_file(str(directory / TENSORS))
     except (OSError, SafetensorError) as exc:
         raise WeightsError(f"{directory / TENSORS}: cannot read safetensors ({exc})") from None
-    ensemble = DenseSME(specs, schema=recorded)
+    arch = ArchSpec.from_dict(manifest["arch"], f"{directory / MANIFEST} arch") if "arch" in manifest else DEFAULT_ARCH
+    ensemble = DenseSME(specs, schema=recorded, arch=arch)
     for spec, member in zip(specs, ensemble.members):
         prefix = spec.name + "."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -225,7 +228,10 @@ def weights_fingerprint(path: str | Path) -> str:
     directory = path if path.is_dir() else path.parent
     if (directory / MANIFEST).exists() and (path.is_dir() or path.suffix == ".safetensors" or path.name == MANIFEST):
         manifest = read_manifest(directory)
-        digest = hashlib.sha256(json.dumps([manifest["schema"], manifest.get("members")], sort_keys=True).encode())
+        model = [manifest["schema"], manifest.get("members")]
+        if manifest.get("arch", DEFAULT_ARCH.to_dict()) != DEFAULT_ARCH.to_dict():
+            model.append(manifest["arch"])  # (weights of the default spec keep the fingerprint they had)
+        digest = hashlib.sha256(json.dumps(model, sort_keys=True).encode())
         return file_fingerprint(directory / TENSORS, digest)
     files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
     digest = hashlib.sha256()
