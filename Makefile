@@ -1,4 +1,4 @@
-# make test: set up .venv (torch CPU wheel first), install msda with test extras, run pytest.
+# make test: set up .venv (torch CPU wheel first), install msda with test extras, run ruff and pytest.
 # make demo: same set-up, then simulate + pretrain (quick) + experiment --quick + report + a 50 m map, in demo_out/.
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)

@@ -57,7 +57,7 @@ def rate(fn, x: torch.Tensor, seconds: float) -> float:
 def rates_in_turns(fns: dict, x: torch.Tensor, seconds: float, rounds: int) -> dict[str, float]:
     """Samples per second of each function, run in turns for ``seconds`` in all each."""
     done = {k: [0, 0.0] for k in fns}
-    for k, fn in fns.items():
+    for fn in fns.values():
         fn(x)  # warm-up
     for _ in range(rounds):
         for k, fn in fns.items():

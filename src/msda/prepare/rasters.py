@@ -108,9 +108,9 @@ def aggregate_at_stations(
         left, bottom, right, top = transform_bounds(src.crs, CRS, *src.bounds)
     out = np.full(len(stations), np.nan)
     for i, (r, c) in enumerate(zip(rows, cols)):
-        l, b, rr, t = g.bounds(r, c)
+        x0, b, rr, t = g.bounds(r, c)
         name = stations["station"].iloc[i]
-        if l < left or rr > right or b < bottom or t > top:
+        if x0 < left or rr > right or b < bottom or t > top:
             raise PrepareError(f"station {name!r} (lon {stations['lon'].iloc[i]}, lat {stations['lat'].iloc[i]}): "
                                f"its {g.name} cell lies outside {path}")
         out[i] = aggregate_window(path, g, int(r), int(c), 1, 1, band, angle)[0, 0]
