@@ -26,8 +26,6 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,159 +33,30 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from msda.errors import MsdaError
-from msda.io import atomic_path, check_output, file_fingerprint, output_folder
+from msda.io import atomic_path, check_output, output_folder
 from msda.metrics import METRICS, grouped_scores
 from msda.runtime import bar_interval
-from msda.model import member_name
 from msda.tables import TRUTH, Samples
-
-METHODS = ("pretrained", "finetune", "ms", "da", "msda")
-PAPER_NS = (1, 5, 9, 13, 17, 21, 29, 37, 45)
-ALPHA_METHODS = ("ms", "msda")  # the methods whose loss has an alpha
-QUICK_MEMBERS = tuple(member_name(d, 16) for d in (1, 2, 3, 4, 5))  # the width-16 member of each depth
-N_STRIPS = 6
-SAMPLES = {"n": "samples"}  # in result tables, n is the number of training stations
-
-
-class ExperimentError(MsdaError):
-    """Bad protocol, inputs, or a failed task."""
-
-
-# ----- protocol -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Protocol:
-    """What to run: N x repeats x methods x alphas, and the fit settings of every task."""
-
-    network: str = "SCAN"
-    ns: tuple[int, ...] = PAPER_NS
-    repeats: int = 10
-    methods: tuple[str, ...] = METHODS
-    alphas: tuple[float, ...] = (0.7,)
-    epochs: int = 50
-    batch: int = 128
-    lr: float = 5e-4
-    average_last: int = 10
-    domain_loss: str = "coral"
-    members: tuple[str, ...] = ()  # empty: every member of the weights
-    seed: int = 0
-    quick: bool = False
-
-    @classmethod
-    def quick_run(cls, **changes) -> "Protocol":
-        """The demo's protocol: 5 members, 8 epochs, N in 1, 5, 21, 3 repeats (minutes on 2 cores)."""
-        base = dict(ns=(1, 5, 21), repeats=3, epochs=8, average_last=3, members=QUICK_MEMBERS, quick=True)
-        return cls(**{**base, **changes})
-
-    def check(self, n_stations: int | None = None) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ExperimentError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-        if not self.methods:
-            raise ExperimentError("no methods to run")
-        if not self.ns or min(self.ns) < 1:
-            raise ExperimentError(f"every N must be >= 1, got {list(self.ns)}")
-        if self.repeats < 1:
-            raise ExperimentError(f"repeats must be >= 1, got {self.repeats}")
-        bad = [a for a in self.alphas if not 0.0 <= a <= 1.0]
-        if bad or not self.alphas:
-            raise ExperimentError(f"alpha must lie in [0, 1], got {bad[0] if bad else 'none'}")
-        for name, values in (("alpha", self.alphas), ("N", self.ns), ("method", self.methods)):
-            twice = sorted({v for v in values if list(values).count(v) > 1})
-            if twice:
-                raise ExperimentError(f"{name} {twice[0]} is given twice")
-        if self.domain_loss not in ("coral", "mmd"):
-            raise ExperimentError(f"unknown domain loss {self.domain_loss!r}; choose coral or mmd")
-        if n_stations is not None and max(self.ns) >= n_stations:
-            raise ExperimentError(
-                f"network {self.network} has {n_stations} stations; N = {max(self.ns)} leaves no target station "
-                f"(at most {n_stations - 1})"
-            )
-
-    def tasks(self) -> list["Task"]:
-        out = [Task(0, 0, "pretrained", None)] if "pretrained" in self.methods else []
-        for n in self.ns:
-            for rep in range(self.repeats):
-                for method in self.methods:
-                    if method == "pretrained":
-                        continue
-                    for alpha in self.alphas if method in ALPHA_METHODS else (None,):
-                        out.append(Task(n, rep, method, alpha))
-        return out
-
-    def station_seed(self, n: int, repeat: int) -> int:
-        """The seed of the station draw of (N, repeat): the same for every method (paired runs)."""
-        return int(np.random.SeedSequence([self.seed, n, repeat]).generate_state(1)[0])
-
-    def fit_fields(self) -> dict:
-        """The settings that change a task's result: a resumed run must not change them."""
-        d = dataclasses.asdict(self)
-        return {k: d[k] for k in ("network", "epochs", "batch", "lr", "average_last", "domain_loss", "members", "seed")}
-
-
-@dataclass(frozen=True)
-class Task:
-    n: int
-    repeat: int
-    method: str
-    alpha: float | None
-
-    @property
-    def key(self) -> str:
-        if self.method == "pretrained":
-            return "pretrained"
-        a = "" if self.alpha is None else f"_a{float(self.alpha)!r}"  # shortest exact form: 0.701, 0.7
-        return f"n{self.n:03d}_r{self.repeat:02d}_{self.method}{a}"
-
-    @property
-    def variant(self) -> str:
-        """The method with its alpha where it has one, e.g. ``msda (0.7)``."""
-        return self.method if self.alpha is None else f"{self.method} ({self.alpha:g})"
-
+from msda.runs import (  # noqa: F401 (the run records, importable from here as before)
+    ALPHA_METHODS,
+    METHODS,
+    N_STRIPS,
+    PAPER_NS,
+    QUICK_MEMBERS,
+    SAMPLES,
+    ExperimentError,
+    Inputs,
+    Protocol,
+    Task,
+    input_fingerprints,
+    load_inputs,
+    read_record,
+    read_task,
+    select_members,
+    task_done,
+)
 
 # ----- running one task (on a Dask worker or inline) ----------------------------------------
-@dataclass(frozen=True)
-class Inputs:
-    fine: str
-    coarse: str
-    weights: str
-    schema: str | None = None
-
-
-@lru_cache(maxsize=2)
-def load_inputs(inputs: Inputs, members: tuple[str, ...]):
-    """The fine and 9 km tables and the ensemble (its named members) of a run; read once per
-    worker process."""
-    from msda.schema import DEFAULT_SCHEMA, load_schema
-    from msda.tables import read_samples
-    from msda.weights import load_ensemble
-
-    schema = DEFAULT_SCHEMA if inputs.schema is None else load_schema(inputs.schema)
-    fine = read_samples(inputs.fine, "fine", schema)
-    coarse = read_samples(inputs.coarse, "coarse", schema)
-    ensemble = select_members(load_ensemble(inputs.weights, schema=schema), members, inputs.weights)
-    return fine, coarse, ensemble
-
-
-def select_members(ensemble, names: tuple[str, ...], source: str = "the weights"):
-    """A DenseSM-E of the named members (all when ``names`` is empty)."""
-    import copy
-
-    from msda.model import DenseSME
-
-    if not names:
-        return ensemble
-    missing = [n for n in names if n not in ensemble.names]
-    if missing:
-        raise ExperimentError(f"{source}: no member {missing[0]} (members: {', '.join(ensemble.names)})")
-    keep = [ensemble.names.index(n) for n in names]
-    sub = DenseSME([ensemble.specs[i] for i in keep], schema=ensemble.schema)
-    for j, i in enumerate(keep):
-        sub.members[j] = copy.deepcopy(ensemble.members[i])
-    sub.provenance = getattr(ensemble, "provenance", {})
-    return sub
-
-
 def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: str = "auto", threads: int = 0) -> str:
     """Fit one task and write ``out/tasks/<key>.parquet``; returns the key. Skips a finished one."""
     import torch
@@ -229,41 +98,7 @@ def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: s
     return task.key
 
 
-def read_task(path: Path) -> tuple[dict, np.ndarray]:
-    """A finished task's metadata and ensemble-mean predictions; ExperimentError if unreadable."""
-    try:
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"msda"])
-        pred = table.column("pred").to_numpy()
-    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException) as exc:
-        raise ExperimentError(f"{path}: unreadable task file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(meta, dict) or "method" not in meta:
-        raise ExperimentError(f"{path}: task file without its msda metadata")
-    return meta, pred
-
-
-def task_done(path: Path) -> bool:
-    """True for a readable task file; an unreadable one (a kill, a full disk) is removed, to redo."""
-    if not path.exists():
-        return False
-    try:
-        pq.read_schema(path).metadata[b"msda"]
-        return True
-    except (OSError, KeyError, TypeError, pa.ArrowException):
-        path.unlink(missing_ok=True)
-        return False
-
-
 # ----- what a run depends on -----------------------------------------------------------------
-def input_fingerprints(inputs: "Inputs") -> dict[str, str | None]:
-    """What the fits depend on, by content: the tables' and schema's bytes, the weights' model
-    (tensors, schema and members; not when or how they were made)."""
-    from msda.weights import weights_fingerprint
-
-    return {k: None if not v else weights_fingerprint(v) if k == "weights" else file_fingerprint(v)
-            for k, v in dataclasses.asdict(inputs).items()}
-
-
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """Hold ``out/.msda-lock`` while working in a run directory; a second process leaves at once."""
@@ -301,20 +136,6 @@ def _check_inputs_exist(inputs: "Inputs", whose: str = "") -> None:
     for name, path in zip(("fine table", "9 km table", "weights"), dataclasses.astuple(inputs)):
         if not Path(path).exists():
             raise ExperimentError(f"{path}: the {name}{whose} does not exist")
-
-
-def read_record(out: Path) -> dict:
-    """``out/protocol.json``, or ExperimentError naming what is wrong with it."""
-    path = out / "protocol.json"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExperimentError(f"{out}: no protocol.json; not a run directory of msda experiment") from None
-    except (OSError, ValueError) as exc:
-        raise ExperimentError(f"{path}: unreadable ({exc}); use a new --out") from None
-    if not isinstance(record, dict) or not isinstance(record.get("protocol"), dict):
-        raise ExperimentError(f"{path}: malformed run record; use a new --out")
-    return record
 
 
 def check_inputs_unchanged(out: Path, record: dict, inputs: "Inputs", now: dict | None = None) -> None:

@@ -91,7 +91,7 @@ def main_variant(median: pd.DataFrame) -> str:
 
 
 def _task_pred(out: Path, method: str, n: int, repeat: int, alpha) -> np.ndarray:
-    from msda.experiment import Task, read_task
+    from msda.runs import Task, read_task
 
     key = Task(n, repeat, method, None if alpha is None or pd.isna(alpha) else float(alpha)).key
     return read_task(out / "tasks" / f"{key}.parquet")[1]
@@ -268,7 +268,7 @@ def _img(path: Path) -> str:
 
 def make_figures(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> list[tuple[str, str, str, Path]]:
     """Draw every figure the finished runs allow; returns (name, title, caption, path)."""
-    from msda.experiment import Inputs, load_inputs
+    from msda.runs import Inputs, load_inputs
 
     runs, median = tables["runs"], tables["median"]
     if runs.empty:
