@@ -483,17 +483,14 @@ def prepare_smap(
     force: bool = ForceOpt,
 ) -> None:
     """SMAP L3 enhanced 9 km at the stations' cells: AM, PM corrected to AM, daily mean."""
-    from msda.io import atomic_path
+    from msda.prepare.rasters import write_table
     from msda.prepare.samples import read_table
-    from msda.prepare.smap import extract_smap
+    from msda.prepare.smap import smap_at_stations
 
     _out(out, "smap", input, stations, force=force)
     st = read_table(stations, "station", ("r", "c"))  # the 9 km EASE-2 row and column
-    table = extract_smap(input, st, recommended_only=not all_quality)
-    ids = [c for c in ("network", "station", "r", "c") if c in st]
-    table = st[ids].merge(table, on=["r", "c"])
-    with atomic_path(out, "smap", inputs=(input, stations), force=force) as tmp:
-        table.to_parquet(tmp, index=False)
+    table = smap_at_stations(input, st, recommended_only=not all_quality)
+    write_table(table, out, "smap", inputs=(input, stations), force=force)
     typer.echo(f"wrote {out}: {len(table)} station-days of SMAP for {table[['r', 'c']].drop_duplicates().shape[0]} 9 km cells")
 
 
@@ -535,28 +532,13 @@ def prepare_static(
     force: bool = ForceOpt,
 ) -> None:
     """Area-weighted aggregation of rasters (SoilGrids, SRTM, ...) on the stations' EASE-2 cells."""
-    from msda.io import atomic_path
-    from msda.prepare.rasters import aggregate_at_stations
+    from msda.prepare.rasters import parse_static_spec, static_at_stations, write_table
     from msda.prepare.samples import STATION_COLUMNS, read_table
 
-    sources = (stations, *(s.partition("=")[2].split(":")[0] for s in raster))
+    sources = (stations, *(parse_static_spec(s)[1] for s in raster))
     _out(out, "static", *sources, force=force)
-    st = read_table(stations, "stations", STATION_COLUMNS)
-    table = st[[c for c in ("network", "station") if c in st]].copy()
-    for spec in raster:
-        name, sep, rest = spec.partition("=")
-        if not sep or not name or not rest:
-            raise MsdaError(f"--raster {spec!r}: expected NAME=FILE[:angle][:bandN]")
-        parts = rest.split(":")
-        path, opts = parts[0], parts[1:]
-        band = next((int(o[4:]) for o in opts if o.startswith("band") and o[4:].isdigit()), 1)
-        unknown = [o for o in opts if o != "angle" and not (o.startswith("band") and o[4:].isdigit())]
-        if unknown:
-            raise MsdaError(f"--raster {spec!r}: unknown option {unknown[0]!r} (angle, bandN)")
-        values = aggregate_at_stations(path, st, grid, band=band, angle="angle" in opts)
-        table[name] = values.to_numpy()
-    with atomic_path(out, "static", inputs=sources, force=force) as tmp:
-        table.to_csv(tmp, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(tmp, index=False)
+    table = static_at_stations(read_table(stations, "stations", STATION_COLUMNS), raster, grid)
+    write_table(table, out, "static", inputs=sources, force=force)
     typer.echo(f"wrote {out}: {len(table)} stations x {len(raster)} inputs on the {grid} grid")
 
 
@@ -569,28 +551,13 @@ def prepare_series(
     force: bool = ForceOpt,
 ) -> None:
     """Dated rasters (date in the file name) -> per-station time series, e.g. the sar or daily table."""
-    import glob
-
-    from msda.io import atomic_path
-    from msda.prepare.rasters import series_from_rasters
+    from msda.prepare.rasters import parse_series_spec, series_at_stations, write_table
     from msda.prepare.samples import STATION_COLUMNS, read_table
 
-    sources = [stations, *(f for s in raster for f in glob.glob(s.partition("=")[2]))]
+    sources = [stations, *(f for s in raster for f in parse_series_spec(s)[1])]
     _out(out, "series", *sources, force=force)
-    st = read_table(stations, "stations", STATION_COLUMNS)
-    table = None
-    for spec in raster:
-        name, sep, pattern = spec.partition("=")
-        if not sep or not name or not pattern:
-            raise MsdaError(f"--raster {spec!r}: expected NAME=GLOB")
-        files = sorted(glob.glob(pattern))
-        if not files:
-            raise MsdaError(f"--raster {spec!r}: no file matches {pattern!r}")
-        part = series_from_rasters(files, st, name, grid)
-        table = part if table is None else table.merge(part, on=["network", "station", "date"], how="outer")
-    table = table.sort_values(["network", "station", "date"]).reset_index(drop=True)
-    with atomic_path(out, "series", inputs=sources, force=force) as tmp:
-        table.to_csv(tmp, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(tmp, index=False)
+    table = series_at_stations(read_table(stations, "stations", STATION_COLUMNS), raster, grid)
+    write_table(table, out, "series", inputs=sources, force=force)
     typer.echo(f"wrote {out}: {len(table)} station-dates of {', '.join(c for c in table.columns[3:])}")
 
 

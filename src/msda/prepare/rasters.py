@@ -180,3 +180,60 @@ def series_from_rasters(
         part["date"], part[name] = day, values
         parts.append(part[np.isfinite(values)])
     return pd.concat(parts, ignore_index=True)
+
+
+# ----- tables at the stations (what msda prepare static / series write) -------------------------
+def parse_static_spec(spec: str) -> tuple[str, str, int, bool]:
+    """``NAME=FILE[:angle][:bandN]`` -> (name, file, band, angle)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise PrepareError(f"--raster {spec!r}: expected NAME=FILE[:angle][:bandN]")
+    path, *opts = rest.split(":")
+    unknown = [o for o in opts if o != "angle" and not (o.startswith("band") and o[4:].isdigit())]
+    if unknown:
+        raise PrepareError(f"--raster {spec!r}: unknown option {unknown[0]!r} (angle, bandN)")
+    band = next((int(o[4:]) for o in opts if o.startswith("band")), 1)
+    return name, path, band, "angle" in opts
+
+
+def parse_series_spec(spec: str) -> tuple[str, list[str]]:
+    """``NAME=GLOB`` -> (name, the matching files, sorted)."""
+    import glob
+
+    name, sep, pattern = spec.partition("=")
+    if not sep or not name or not pattern:
+        raise PrepareError(f"--raster {spec!r}: expected NAME=GLOB")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise PrepareError(f"--raster {spec!r}: no file matches {pattern!r}")
+    return name, files
+
+
+def static_at_stations(stations: pd.DataFrame, specs: list[str], grid: str = "50m") -> pd.DataFrame:
+    """One row per station (network, station) and one column per ``NAME=FILE[:angle][:bandN]``:
+    each raster's area-weighted mean over the station's cell of ``grid``."""
+    table = stations[[c for c in ("network", "station") if c in stations]].copy()
+    for spec in specs:
+        name, path, band, angle = parse_static_spec(spec)
+        table[name] = aggregate_at_stations(path, stations, grid, band=band, angle=angle).to_numpy()
+    return table
+
+
+def series_at_stations(stations: pd.DataFrame, specs: list[str], grid: str = "50m") -> pd.DataFrame:
+    """network, station, date and one column per ``NAME=GLOB`` of dated rasters (outer-joined)."""
+    table = None
+    for spec in specs:
+        name, files = parse_series_spec(spec)
+        part = series_from_rasters(files, stations, name, grid)
+        table = part if table is None else table.merge(part, on=["network", "station", "date"], how="outer")
+    return table.sort_values(["network", "station", "date"]).reset_index(drop=True)
+
+
+def write_table(table: pd.DataFrame, out: str | Path, kind: str, inputs=(), force: bool = False) -> Path:
+    """Write a prepared table atomically: CSV for a ``.csv`` name, else Parquet."""
+    from msda.io import atomic_path
+
+    out = Path(out)
+    with atomic_path(out, kind, inputs=inputs, force=force) as tmp:
+        table.to_csv(tmp, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(tmp, index=False)
+    return out

@@ -122,3 +122,11 @@ def extract_smap(
     table["sm_m3m3"] = table[["sm_am", "sm_pm_corrected"]].mean(axis=1, skipna=True)
     table = table.drop(columns="pm_shift").dropna(subset=["sm_m3m3"])
     return table.sort_values(["r", "c", "date"]).reset_index(drop=True)
+
+
+def smap_at_stations(input: str | Path, stations: pd.DataFrame, recommended_only: bool = True) -> pd.DataFrame:
+    """SMAP L3 enhanced at the stations' 9 km cells (``r``, ``c``): network, station, r, c, date,
+    AM, PM corrected to AM and the daily mean (:func:`extract_smap`)."""
+    table = extract_smap(input, stations, recommended_only=recommended_only)
+    ids = [c for c in ("network", "station", "r", "c") if c in stations]
+    return stations[ids].merge(table, on=["r", "c"])
