@@ -4,8 +4,7 @@ batch norms).
 
 Inference: the three convolutions of a member, with their ReLUs and poolings, run per sample
 with every intermediate in L1 cache; PyTorch instead writes each stage of a whole batch to
-memory and reads it back (measured on 2 cores: 2.1x for the stage alone, 1.7x for the whole
-predictor in benchmarks/predict.py). Training (``stacked.py``): conv1 -> ReLU -> dropout ->
+memory and reads it back (figures: benchmarks/RESULTS.md). Training (``stacked.py``): conv1 -> ReLU -> dropout ->
 pool -> conv2 per sample and member, conv1's output never written to memory, and the backward
 pass through both (``conv12_*``); conv2's batch norm, ReLU, dropout and pool applied where conv3
 reads them and conv3 (``conv3_*``, the pooled output never stored), conv3's batch norm, ReLU,

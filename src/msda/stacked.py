@@ -866,9 +866,8 @@ def split_members(specs: list[MemberSpec], parts: int) -> list[list[int]]:
     """Member indices in ``parts`` groups of about equal cost, each sorted; deterministic.
 
     Greedy (largest first, to the lightest group), then single moves and pairwise swaps out of
-    the heaviest group while they lower it (the greedy split of the default 25 members left one
-    part 5 % heavier, and the parts wait for the slower one). (Cutting the members in
-    dense-group order instead, so that each part holds fewer groups, measured no faster.)"""
+    the heaviest group while they lower it: the parts wait for the slower one, so they should
+    cost the same."""
     parts = max(1, min(parts, len(specs)))
     cost = [member_cost(s) for s in specs]
     groups: list[list[int]] = [[] for _ in range(parts)]

@@ -403,16 +403,15 @@ def training_engine(ensemble: DenseSME, parts: int, seed: int, device: torch.dev
     return ReferenceParted(ensemble, device)
 
 
-PARTS_MIN_WORK = 1.2e9  # multiply-adds per step above which two parts beat one (measured on 2 cores)
+PARTS_MIN_WORK = 1.2e9  # multiply-adds per step above which two parts beat one (benchmarks/RESULTS.md)
 
 
 def auto_parts(specs, rows: int, device: torch.device) -> int:
     """Parts for ``TrainSettings.parts = 0``: 2 on a CPU with at least 2 threads when a step is
     large enough (rows per step x the members' multiply-adds per sample >= ``PARTS_MIN_WORK``),
-    else 1. Measured on 2 cores: MSDA with 25 members (384 rows, 1.4 G) 106-119 against 107-125
-    ms per step; pretraining them (256 rows, 0.9 G) 74-81 against 71-72 ms; 5 members of width
-    16, 23 against 14.5 ms. A fit's result records the parts it used (they draw their own
-    dropout masks, so another number of parts gives other, equally valid, weights)."""
+    else 1: two parts overlap one part's Python dispatch with the other's arithmetic, which pays
+    only for large steps. A fit's result records the parts it used (they draw their own dropout
+    masks, so another number of parts gives other, equally valid, weights)."""
     if device.type != "cpu" or torch.get_num_threads() < 2 or len(specs) < 2:
         return 1
     return 2 if rows * sum(member_cost(s) for s in specs) >= PARTS_MIN_WORK else 1
