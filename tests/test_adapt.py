@@ -127,3 +127,44 @@ def test_adaptation_beats_pretrained_under_domain_shift(bench, tmp_path):
                        TrainSettings(epochs=8, batch=64, average_last=3, device="cpu"), progress=False, figures=False)
     rmse = dict(zip(metrics["model"], metrics["rmse"]))
     assert np.isfinite(rmse["pretrained"]) and rmse["msda"] < rmse["pretrained"], rmse
+
+
+def test_fifty_metre_only_path(files, tmp_path, capsys):
+    """Stations but no 9 km data: pretrain on the 50 m table, then finetune or DA without --coarse;
+    MS and MSDA ask for it before any work."""
+    r = runner.invoke(app, ["pretrain", "-s", str(files / "fine.parquet"), "-o", str(tmp_path / "pre50"),
+                            "--epochs", "1", "--widths", "8", "--depths", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    for method in ("finetune", "da"):
+        r = runner.invoke(app, ["adapt", "-w", str(tmp_path / "pre50"), "--fine", str(files / "fine.parquet"),
+                                "--network", "SCAN", "--stations", "2", "--method", method, "--epochs", "1",
+                                "-o", str(tmp_path / method), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        run = json.loads((tmp_path / method / "run.json").read_text())
+        assert run["coarse"] is None and run["counts"]["coarse_9km"] == 0
+    code, err = run_cli(["adapt", "-w", str(tmp_path / "pre50"), "--fine", str(files / "fine.parquet"), "--network",
+                         "SCAN", "--stations", "2", "--method", "msda", "-o", str(tmp_path / "m")], capsys)
+    assert code == 2 and "give --coarse" in err and not (tmp_path / "m").exists()
+
+
+def test_validate_uses_the_recorded_schema_and_flags_raw_units(files, tmp_path, bench):
+    from msda.schema import load_schema
+    from msda.tables import samples_from_frame
+
+    r = runner.invoke(app, ["validate", str(files / "fine.parquet")])
+    assert r.exit_code == 0 and "looks unnormalised" not in r.output, r.output
+    raw = bench.fine.frame.copy()
+    raw["ndvi_00"] = np.linspace(-0.2, 0.9, len(raw))  # raw NDVI: inside the accepted margin, below 0
+    write_samples(samples_from_frame(raw, "fine"), tmp_path / "raw.parquet")
+    r = runner.invoke(app, ["validate", str(tmp_path / "raw.parquet")])
+    assert r.exit_code == 0 and "looks unnormalised: 1 feature columns outside [0, 1]: ndvi_00 (-0.2 to 0.9)" in r.output
+    # a table of another schema validates against the schema it records
+    (tmp_path / "s.toml").write_text("name = 'two'\n[[scalars]]\nname = 'vv'\nlo = 0\nhi = 1\n"
+                                     "[[series]]\nname = 'ndvi'\nlo = 0\nhi = 1\nlength = 8\n")
+    schema = load_schema(tmp_path / "s.toml")
+    frame = bench.fine.frame[["network", "station", "r", "c", "date", "lc", "sm_m3m3", "vv"]].copy()
+    for i in range(8):
+        frame[f"ndvi_{i:02d}"] = 0.5
+    write_samples(samples_from_frame(frame, "fine", schema), tmp_path / "two.parquet")
+    r = runner.invoke(app, ["validate", str(tmp_path / "two.parquet")])
+    assert r.exit_code == 0 and "schema two (9 features)" in r.output, r.output

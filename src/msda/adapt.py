@@ -49,8 +49,9 @@ def pretrain(
     force: bool = False,
     arch: ArchSpec = DEFAULT_ARCH,
 ) -> FitResult:
-    """Train a DenseSM-E of architecture ``arch`` from scratch on 9 km samples (SMAP truth, MSE);
-    write the weights to ``out``."""
+    """Train a DenseSM-E of architecture ``arch`` from scratch on a sample table (MSE on its truth:
+    9 km samples with SMAP, or 50 m samples with in situ when there is no 9 km data); write the
+    weights to ``out``."""
     check_output(out, "weights", (coarse.source,), force)
     if len(coarse) < 2:
         raise TransferError(f"{coarse.source}: need at least 2 samples to pretrain, got {len(coarse)}")
@@ -83,7 +84,7 @@ def _metrics_table(target: pd.DataFrame, columns: dict[str, str]) -> pd.DataFram
 def adapt(
     ensemble: DenseSME,
     fine: Samples,
-    coarse: Samples,
+    coarse: Samples | None,
     network: str,
     stations: int | list[str],
     method: str,
@@ -104,7 +105,9 @@ def adapt(
     """
     weights = LossWeights.for_method(method, alpha, beta, domain_loss)
     settings.check()
-    sources = (fine.source, coarse.source, getattr(ensemble, "source", None))
+    if coarse is None and weights.uses_9km:
+        raise TransferError(f"method {method} learns from 9 km samples too: give the 9 km table (--coarse)")
+    sources = (fine.source, None if coarse is None else coarse.source, getattr(ensemble, "source", None))
     check_output(out, "adaptation", sources, force)
     if not ensemble.schema.same_layout(fine.schema):
         raise TransferError(
@@ -117,7 +120,7 @@ def adapt(
     if problem.target.empty:
         raise TransferError(f"network {network}: no target samples left in {fine.source}")
     if weights.uses_9km and problem.coarse.empty:
-        raise TransferError(f"{coarse.source}: no 9 km samples in the cells of network {network}'s stations")
+        raise TransferError(f"{coarse.source}: no 9 km samples in the cells of network {network}'s stations")  # type: ignore[union-attr]
     out = Path(out)
     data = problem.fit_data()
     monitor = (data.x_target, torch.from_numpy(problem.target[TRUTH].to_numpy(np.float32, copy=True)))
@@ -140,7 +143,7 @@ def adapt(
         "method": method,
         "network": network,
         "fine": fine.source,
-        "coarse": coarse.source,
+        "coarse": None if coarse is None else coarse.source,
         "train_stations": problem.train_stations,
         "counts": {"labeled": len(problem.labeled), "target": len(problem.target), "coarse_9km": len(problem.coarse)},
         "beta_per_member": dict(zip(ensemble.names, result.beta)),

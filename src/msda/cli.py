@@ -102,11 +102,16 @@ def validate(
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features and report the count."),
     networks: Optional[str] = typer.Option(None, help="Comma-separated networks to keep."),
 ) -> None:
-    """Check a sample table and print a summary."""
-    from msda.tables import read_samples
+    """Check a sample table and print a summary (schema: --schema, else the one the file records)."""
+    from msda.tables import read_samples, unnormalised_columns
 
-    s = read_samples(table, _kind(kind), _schema(schema), drop_nan, _networks(networks))
+    s = read_samples(table, _kind(kind), None if schema is None else _schema(schema), drop_nan, _networks(networks))
     _summary(s)
+    bad = unnormalised_columns(s)
+    if bad:
+        shown = ", ".join(f"{c} ({lo:.3g} to {hi:.3g})" for c, lo, hi in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        typer.echo(f"looks unnormalised: {len(bad)} feature columns outside [0, 1]: {shown}. Model inputs are "
+                   "normalised to the schema's ranges (msda.schema: schema.normalise(schema.encode(frame)))")
 
 
 @app.command()
@@ -293,7 +298,7 @@ def _members(widths: str, depths: str):
 
 @app.command()
 def pretrain(
-    samples: Path = typer.Option(..., "--samples", "-s", help="9 km sample table (SMAP truth), .csv or .parquet."),
+    samples: Path = typer.Option(..., "--samples", "-s", help="Sample table, .csv or .parquet: 9 km (SMAP truth) or 50 m (in-situ truth)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output weights directory."),
     epochs: int = typer.Option(30, min=1, help="Epochs (passes over the samples)."),
     lr: float = typer.Option(5e-4, help="Adam learning rate."),
@@ -310,7 +315,9 @@ def pretrain(
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
     force: bool = ForceOpt,
 ) -> None:
-    """Train a DenseSM-E from scratch on 9 km samples (stands in for the authors' pretrained weights)."""
+    """Train a DenseSM-E from scratch on a sample table: 9 km samples with SMAP truth (standing in
+    for the authors' pretrained weights), or 50 m samples with in-situ truth when you have
+    stations but no 9 km data (then adapt needs none either: --method finetune or da)."""
     from msda.adapt import pretrain as run_pretrain
     from msda.tables import read_samples
     from msda.transfer import TrainSettings
@@ -332,7 +339,7 @@ def pretrain(
 def adapt(
     weights: Path = typer.Option(..., "--weights", "-w", help="Pretrained weights (ours or the authors' .pt)."),
     fine: Path = typer.Option(..., "--fine", help="50 m sample table (in-situ truth)."),
-    coarse: Path = typer.Option(..., "--coarse", help="9 km sample table (SMAP truth)."),
+    coarse: Optional[Path] = typer.Option(None, "--coarse", help="9 km sample table (SMAP truth); ms and msda need it."),
     method: str = typer.Option("msda", help="finetune, ms, da or msda."),
     network: str = typer.Option(..., "--network", help="Network to adapt to (e.g. SCAN)."),
     stations: Optional[int] = typer.Option(None, "--stations", help="Number of training stations, drawn with --seed."),
@@ -362,6 +369,8 @@ def adapt(
 
     if (stations is None) == (station_list is None):
         raise MsdaError("give exactly one of --stations N or --station-list FILE")
+    if coarse is None and method.lower() in ("ms", "msda"):
+        raise MsdaError(f"--method {method} learns from 9 km samples too: give --coarse (finetune and da need none)")
     _out(out, "adaptation", weights, fine, coarse, station_list, schema, force=force)
     chosen = read_station_list(station_list) if station_list is not None else stations
     beta_value: float | str | None = beta
@@ -372,7 +381,7 @@ def adapt(
             raise MsdaError(f"--beta must be 'auto' or a number, got {beta!r}") from None
     sch = _schema(schema)
     fine_s = read_samples(fine, "fine", sch)
-    coarse_s = read_samples(coarse, "coarse", sch)
+    coarse_s = read_samples(coarse, "coarse", sch) if coarse is not None else None
     ensemble = load_ensemble(weights)
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
                              device=device, compile=compile, parts=parts)

@@ -94,14 +94,15 @@ class Samples:
 def read_samples(
     path: str | Path,
     kind: Kind | None = None,
-    schema: FeatureSchema = DEFAULT_SCHEMA,
+    schema: FeatureSchema | None = DEFAULT_SCHEMA,
     drop_nan: bool = False,
     networks: Sequence[str] | None = None,
 ) -> Samples:
     """Read and validate a sample table (``.csv`` authors' layout or ``.parquet`` ours).
 
     ``kind`` is inferred when omitted: ``gt`` -> fine, ``SMAP`` -> coarse (CSV), or from the
-    Parquet metadata. Rows with NaN features are an error unless ``drop_nan``.
+    Parquet metadata. ``schema`` None: the schema the Parquet file records (else Table 1).
+    Rows with NaN features are an error unless ``drop_nan``.
     """
     path = Path(path)
     if not path.exists():
@@ -114,15 +115,27 @@ def read_samples(
             raise TableError(f"{path}: not a readable CSV table ({exc})") from None
         except OSError as exc:
             raise TableError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        schema = DEFAULT_SCHEMA if schema is None else schema
         frame, kind = _from_authors(raw, kind, schema, str(path))
     else:
         frame, meta = _read_parquet(path)
         kind = _kind_from_parquet(frame, meta, kind, str(path))
+        if schema is None:
+            schema = FeatureSchema.from_dict(meta["schema"], source=f"{path} metadata") if "schema" in meta else DEFAULT_SCHEMA
         _check_parquet_schema(meta, schema, str(path))
     samples = _validate(frame, kind, schema, str(path), drop_nan)
     if networks:
         samples = samples.select_networks(networks)
     return samples
+
+
+def unnormalised_columns(samples: Samples, tolerance: float = 1e-3) -> list[tuple[str, float, float]]:
+    """Feature columns with values outside [0, 1] (name, min, max): a table of raw units
+    where normalised inputs belong (normalisation maps each schema range to [0, 1] and clips)."""
+    x = samples.frame[samples.schema.feature_names]
+    lo, hi = x.min(), x.max()
+    bad = (lo < -tolerance) | (hi > 1 + tolerance)
+    return [(str(c), float(lo[c]), float(hi[c])) for c in x.columns[bad.to_numpy()]]
 
 
 def iter_feature_chunks(

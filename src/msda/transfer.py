@@ -572,14 +572,15 @@ def draw_stations(stations: list[str], n: int, seed: int) -> list[str]:
 
 def adapt_problem(
     fine: Samples,
-    coarse: Samples,
+    coarse: Samples | None,
     network: str,
     stations: int | list[str],
     seed: int = 0,
 ) -> AdaptProblem:
     """Split ``network`` of ``fine`` into training stations (n drawn with ``seed``, or a list) and
-    target stations, and take the 9 km rows of the cells of all the network's stations."""
-    if not fine.schema.same_layout(coarse.schema):
+    target stations, and take the 9 km rows of the cells of all the network's stations (none
+    without a 9 km table: finetune and DA need none)."""
+    if coarse is not None and not fine.schema.same_layout(coarse.schema):
         raise TransferError(f"{fine.source} and {coarse.source} use different feature schemas")
     if "network" not in fine.frame or "station" not in fine.frame:
         raise TransferError(f"{fine.source}: needs 'network' and 'station' columns to adapt")
@@ -607,6 +608,8 @@ def adapt_problem(
             raise TransferError(f"all {len(names)} stations of {network} would train; none is left as the target")
     is_train = net_rows["station"].astype(str).isin(chosen)
     labeled, target = net_rows[is_train], net_rows[~is_train]
+    if coarse is None:
+        return AdaptProblem(network, chosen, labeled, target, fine.frame.iloc[:0], fine.schema)
     cells = net_rows[["r", "c"]].drop_duplicates()
     cf = coarse.frame
     key = pd.MultiIndex.from_frame(cf[["r", "c"]].astype(np.int64))
