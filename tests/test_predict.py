@@ -75,7 +75,8 @@ def test_chunked_table_equals_unchunked(tmp_path, small_ensemble, suffix):
     out = pd.read_parquet(tmp_path / f"out{suffix}") if suffix == ".parquet" else pd.read_csv(tmp_path / f"out{suffix}")
     assert list(out["station"][:2]) == ["st0", "st0"]
     tol = 1e-6 if suffix == ".parquet" else 1e-5
-    np.testing.assert_allclose(out["sm_pred"].to_numpy(), whole.mean, rtol=tol, atol=tol)
+    # the mean clipped to the physical range (the members as the networks gave them)
+    np.testing.assert_allclose(out["sm_pred"].to_numpy(), np.clip(whole.mean, 0, 0.6), rtol=tol, atol=tol)
     np.testing.assert_allclose(out[["m_1_8", "m_2_16", "m_3_8"]].to_numpy(), whole.members, rtol=tol, atol=tol)
     # without members; whole table in one chunk gives the same numbers
     predict_table(small_ensemble, tmp_path / f"in{suffix}", tmp_path / "one.parquet", with_members=False, progress=False)
@@ -127,3 +128,32 @@ def test_member_features_equal_modules(full_ensemble, native):
         ref = [m.eval()(x, return_features=True) for m in full_ensemble.members]
     torch.testing.assert_close(y, torch.stack([r[0] for r in ref]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(f, torch.stack([r[1] for r in ref]), rtol=1e-4, atol=1e-4)
+
+
+def test_predictions_bounded_and_flagged(tmp_path, fine, small_ensemble):
+    """sm_pred is clipped to [0, truth_max] with flag 8 where it was; --no-clip keeps the raw
+    mean; flag 4 marks rows outside the training table's ranges."""
+    from msda.predict import CLIPPED, OUT_OF_TRAINING, predict_table
+    from msda.tables import samples_from_frame
+
+    write_samples(fine, tmp_path / "f.parquet")
+    raw = predict(small_ensemble, fine.features()).mean
+    predict_table(small_ensemble, tmp_path / "f.parquet", tmp_path / "raw.parquet", progress=False, clip=False)
+    kept = pd.read_parquet(tmp_path / "raw.parquet")
+    np.testing.assert_allclose(kept["sm_pred"], raw, rtol=1e-6)
+    assert (kept["flag"] & CLIPPED == 0).all()
+    predict_table(small_ensemble, tmp_path / "f.parquet", tmp_path / "p.parquet", progress=False)
+    out = pd.read_parquet(tmp_path / "p.parquet")
+    np.testing.assert_allclose(out["sm_pred"], np.clip(raw, 0, 0.6), rtol=1e-6)
+    outside = (raw < 0) | (raw > 0.6)
+    assert outside.any()  # an untrained ensemble predicts outside the physical range
+    np.testing.assert_array_equal((out["flag"] & CLIPPED) > 0, outside)
+    # rows outside the training table's ranges
+    half = samples_from_frame(fine.frame.iloc[: len(fine) // 2].reset_index(drop=True), "fine")
+    write_samples(half, tmp_path / "train.parquet")
+    from msda.mapping import training_ranges
+
+    ranges = training_ranges(tmp_path / "train.parquet", fine.schema)
+    predict_table(small_ensemble, tmp_path / "f.parquet", tmp_path / "q.parquet", progress=False, ranges=ranges)
+    flags = pd.read_parquet(tmp_path / "q.parquet")["flag"].to_numpy()
+    assert not (flags[: len(fine) // 2] & OUT_OF_TRAINING).any() and (flags & OUT_OF_TRAINING).any()

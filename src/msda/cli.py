@@ -78,18 +78,24 @@ def predict(
     members: bool = typer.Option(True, "--members/--no-members", help="Write each member's prediction."),
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (GPU; on CPU the default C stage is faster)."),
+    no_clip: bool = typer.Option(False, "--no-clip", help="Keep the raw ensemble mean (default: clipped to [0, truth_max], flag 8)."),
+    training_table: Optional[Path] = typer.Option(None, "--training-table", help="Sample table whose feature ranges flag extrapolated rows (flag 4)."),
     force: bool = ForceOpt,
 ) -> None:
-    """Predict soil moisture (m3/m3): ensemble mean, member spread and per-member values."""
+    """Predict soil moisture (m3/m3): ensemble mean (clipped to the physical range), member spread,
+    per-member values and a flag per row (2: an input outside the schema's range, 4: outside the
+    training table's, 8: the mean was clipped)."""
+    from msda.mapping import training_ranges
     from msda.predict import predict_table
     from msda.weights import load_ensemble
 
-    _out(out, "predictions", weights, samples, schema, force=force)
+    _out(out, "predictions", weights, samples, schema, training_table, force=force)
     sch = _schema(schema)
     ensemble = load_ensemble(weights, schema=sch if schema is not None else None)
+    ranges = training_ranges(training_table, ensemble.schema) if training_table else None
     t0 = time.perf_counter()
     rows = predict_table(ensemble, samples, out, chunk_rows, batch, device, members, drop_nan, compile=compile,
-                         force=force)
+                         force=force, clip=not no_clip, ranges=ranges)
     dt = time.perf_counter() - t0
     typer.echo(f"wrote {out}: {rows} rows, {len(ensemble.specs)} members, {rows / dt:,.0f} samples/s")
 
@@ -640,6 +646,7 @@ def map_(
     ),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     training_table: Optional[Path] = typer.Option(None, "--training-table", help="Sample table whose feature ranges flag out-of-domain pixels (mask bit 4)."),
+    no_clip: bool = typer.Option(False, "--no-clip", help="Keep the raw ensemble mean (default: clipped to [0, truth_max], mask bit 8)."),
     cog: bool = typer.Option(True, "--cog/--no-cog", help="Write Cloud-Optimized GeoTIFFs besides the Zarr store."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Draw a PNG per date."),
     cells: str = typer.Option("2x2", help="With --inputs demo: rows x columns of 9 km cells."),
@@ -656,7 +663,7 @@ def map_(
     scene_opts = dict(cells=_cells(cells), dates=dates, seed=seed) if inputs == "demo" else None
     s = make_map(weights, inputs, out, chunks=chunks, scheduler=scheduler, workers=workers, device=device,
                  ranges_table=training_table, previews=preview, cog=cog, scene=scene_opts,
-                 compile=compile, force=force)
+                 compile=compile, force=force, clip=not no_clip)
     h, w = s["shape"][1:]
     typer.echo(f"wrote {out}: {len(s['dates'])} dates x {h} x {w} pixels, {s['pixels_per_s']:,.0f} pixels/s")
     for d in s["dates"]:

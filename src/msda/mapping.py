@@ -23,7 +23,7 @@ Outputs in ``out/``: ``maps.zarr`` (sm_mean, sm_std, mask over time, y, x, with 
 and ``preview_<date>.png``, and ``summary.json`` (per-date statistics, speed, provenance).
 The mask holds bit flags: 1 = an input is nodata (no prediction), 2 = an input lies outside the
 schema's range (the model saw it clipped), 4 = outside the range of the training samples
-(``ranges``, optional).
+(``ranges``, optional), 8 = the mean was clipped to [0, the schema's truth_max] (``clip``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from msda.io import atomic_path, check_output
 from msda.runtime import bar_interval, release_memory
 from msda.schema import FeatureSchema
 
-NODATA, OUT_OF_RANGE, OUT_OF_TRAINING = 1, 2, 4
+from msda.predict import CLIPPED, FLAG_MEANINGS, NODATA, OUT_OF_RANGE, OUT_OF_TRAINING  # noqa: E402
 DERIVED = ("doy", "row_9km", "col_9km")  # encoding sources computed from the date and position
 SAR = ("vv", "vh", "angle")
 _TOL = 1e-6  # normalised units: values this far outside [lo, hi] count as in range
@@ -341,7 +341,7 @@ def block_features(stack: Stack, schema: FeatureSchema, t: int, y0: int, y1: int
 
 def map_block(
     stack: Stack, weights: str, device: str, store: str, t: int, y0: int, y1: int, x0: int, x1: int,
-    ranges: tuple[np.ndarray, np.ndarray] | None = None, compile: bool = False,
+    ranges: tuple[np.ndarray, np.ndarray] | None = None, compile: bool = False, clip: bool = True,
 ) -> dict:
     """Predict one window of one date and write it into the Zarr ``store``; returns its statistics."""
     import torch
@@ -376,6 +376,9 @@ def map_block(
         t_pred = time.perf_counter()
         if ok.any():
             pred = predict(engine, zc, rows=None if ok.all() else np.flatnonzero(ok))
+            if clip:
+                pred, clipped = pred.bounded(schema.truth_max)
+                mask[ok] |= clipped
             mean[ok], std[ok] = pred.mean, pred.std
     t_write = time.perf_counter()
     del z, zc
@@ -388,6 +391,7 @@ def map_block(
     return {
         "t": t, "pixels": len(mean), "predicted": int(ok.sum()), "nodata": int(nodata.sum()),
         "out_of_range": int(((mask & OUT_OF_RANGE) > 0).sum()), "out_of_training": int(((mask & OUT_OF_TRAINING) > 0).sum()),
+        "clipped": int(((mask & CLIPPED) > 0).sum()),
         "sum_mean": float(np.nansum(mean)), "sum_std": float(np.nansum(std)),
         "min": float(np.nanmin(mean)) if ok.any() else np.nan, "max": float(np.nanmax(mean)) if ok.any() else np.nan,
         "conv_stage": "C" if engine.native is not None else "PyTorch",
@@ -438,8 +442,8 @@ def _init_store(stack: Stack, store: Path, chunks: int, attrs: dict) -> None:
             "sm_std": (("time", "y", "x"), dsa.full(shape, np.nan, dtype=np.float32, chunks=ch),
                        {"units": "m3/m3", "long_name": "ensemble member spread (standard deviation)"}),
             "mask": (("time", "y", "x"), dsa.zeros(shape, dtype=np.uint8, chunks=ch),
-                     {"flag_masks": [NODATA, OUT_OF_RANGE, OUT_OF_TRAINING],
-                      "flag_meanings": "nodata_input outside_schema_range outside_training_range"}),
+                     {"flag_masks": [NODATA, OUT_OF_RANGE, OUT_OF_TRAINING, CLIPPED],
+                      "flag_meanings": FLAG_MEANINGS}),
         },
         coords={"time": pd.DatetimeIndex(stack.times), "y": y, "x": x},
         attrs={"msda": json.dumps(attrs, default=str)},
@@ -488,8 +492,10 @@ def make_map(
     scene: dict | None = None,
     compile: bool = False,
     force: bool = False,
+    clip: bool = True,
 ) -> dict:
     """Map every date of ``inputs`` with the ensemble at ``weights`` into ``out`` (atomically).
+    ``clip``: the mean clipped to [0, the schema's truth_max] (flag 8 in the mask where it was).
 
     ``inputs="demo"`` first writes a synthetic scene (``msda.simulate.scene``, settings ``scene``)
     into ``out/scene.zarr`` and compares the map with its true soil moisture. ``compile``:
@@ -514,7 +520,8 @@ def make_map(
         stack = open_stack(inputs, schema)
     ranges = training_ranges(ranges_table, schema) if ranges_table else None
     settings = dict(weights=weights, inputs="demo" if demo else str(Path(inputs).resolve()), chunks=chunks,
-                    device=device, compile=compile, scheduler=scheduler, ranges_table=str(ranges_table) if ranges_table else None)
+                    device=device, compile=compile, scheduler=scheduler, ranges_table=str(ranges_table) if ranges_table else None,
+                    clip=clip)
     if demo:
         settings["scene"] = dict(scene or {})
     meta = provenance(command="msda map", **settings)
@@ -527,7 +534,7 @@ def make_map(
         store = tmp / "maps.zarr"
         _init_store(stack, store, chunks, meta)
         task = dask.delayed(map_block, pure=False)
-        jobs = [task(stack, weights, device, str(store), *b, ranges=ranges, compile=compile)
+        jobs = [task(stack, weights, device, str(store), *b, ranges=ranges, compile=compile, clip=clip)
                 for b in blocks(stack, chunks)]
         if workers is None:  # on CPU PyTorch takes every core for each block: one block at a time keeps
             # memory flat, and reading is ~3 % of the time; a GPU predicts while the CPU reads the next
@@ -559,6 +566,7 @@ def _summary(stack: Stack, results: list[dict], seconds: float, meta: dict) -> d
             "date": str(day.date()), "pixels": int(part["pixels"].sum()), "predicted": pred,
             "nodata": int(part["nodata"].sum()), "out_of_range": int(part["out_of_range"].sum()),
             "out_of_training": int(part["out_of_training"].sum()),
+            "clipped": int(part["clipped"].sum()),
             "mean_sm": float(part["sum_mean"].sum() / pred) if pred else None,
             "mean_std": float(part["sum_std"].sum() / pred) if pred else None,
             "min_sm": float(part["min"].min()) if pred else None, "max_sm": float(part["max"].max()) if pred else None,

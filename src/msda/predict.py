@@ -9,6 +9,8 @@ compiler, as three grouped convolutions. It computes the same function as
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,13 @@ class Prediction:
     std: np.ndarray  # (n,) population std over members (ddof=0)
     members: np.ndarray  # (n, n_members)
     member_names: list[str]
+
+    def bounded(self, hi: float, lo: float = 0.0) -> tuple["Prediction", np.ndarray]:
+        """The prediction with its mean clipped to [lo, hi], and a flag per row (``CLIPPED``
+        where the mean was outside). Member values and spread stay as the networks gave them."""
+        outside = (self.mean < lo) | (self.mean > hi)
+        flags = np.where(outside, CLIPPED, 0).astype(np.uint8)
+        return dataclasses.replace(self, mean=np.clip(self.mean, lo, hi)), flags
 
     def frame(self, with_members: bool = True) -> pd.DataFrame:
         d = {"sm_pred": self.mean, "sm_std": self.std}
@@ -257,6 +266,28 @@ def inference_engine(ensemble: DenseSME, device: str | torch.device = "cpu", com
     return ReferenceEngine(ensemble, device)
 
 
+# bit flags of a prediction (the ``flag`` column of predict, the ``mask`` of map)
+NODATA, OUT_OF_RANGE, OUT_OF_TRAINING, CLIPPED = 1, 2, 4, 8
+FLAG_MEANINGS = "nodata_input outside_schema_range outside_training_range clipped_to_physical_range"
+
+
+def input_flags(x: np.ndarray, ranges: tuple[np.ndarray, np.ndarray] | None = None, tol: float = 1e-4) -> np.ndarray:
+    """Per row of normalised inputs: ``OUT_OF_RANGE`` where a feature lies outside [0, 1] (the
+    schema's range) and ``OUT_OF_TRAINING`` outside ``ranges`` (per-feature lo, hi of the
+    training samples, normalised), one feature at a time (no feature-sized temporaries)."""
+    flags = np.zeros(len(x), np.uint8)
+    out = np.zeros(len(x), bool)
+    far = np.zeros(len(x), bool)
+    for j in range(x.shape[1]):
+        col = x[:, j]
+        out |= (col < -tol) | (col > 1 + tol)
+        if ranges is not None:
+            far |= (col < ranges[0][j] - tol) | (col > ranges[1][j] + tol)
+    flags[out] |= OUT_OF_RANGE
+    flags[far] |= OUT_OF_TRAINING
+    return flags
+
+
 class PredictionError(MsdaError):
     """A prediction that is not a finite number."""
 
@@ -321,11 +352,16 @@ def predict_table(
     progress: bool = True,
     compile: bool = False,
     force: bool = False,
+    clip: bool = True,
+    ranges: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> int:
     """Stream ``table`` through the ensemble into ``out`` (.parquet or .csv); returns rows written.
 
-    Memory is bounded by ``chunk_rows``; ``out`` appears only when complete, and replaces only
-    an earlier prediction table (or anything with ``force``), never ``table``.
+    ``sm_pred`` is clipped to [0, the schema's truth_max] (``clip=False`` keeps the raw mean)
+    and ``flag`` holds, per row, the bits ``OUT_OF_RANGE`` (an input outside the schema's range),
+    ``OUT_OF_TRAINING`` (outside ``ranges``, the training samples' per-feature range) and
+    ``CLIPPED``. Memory is bounded by ``chunk_rows``; ``out`` appears only when complete, and
+    replaces only an earlier prediction table (or anything with ``force``), never ``table``.
     """
     out = Path(out)
     if out.suffix.lower() not in (".parquet", ".csv"):
@@ -342,7 +378,12 @@ def predict_table(
                     pred = predict(engine, feats, batch_size=batch_size, labels=ids.index.to_numpy())
                 except PredictionError as exc:
                     raise PredictionError(f"{table}: {exc}") from None
+                flags = input_flags(feats, ranges)
+                if clip:
+                    pred, clipped = pred.bounded(ensemble.schema.truth_max)
+                    flags |= clipped
                 frame = pd.concat([ids.reset_index(drop=True), pred.frame(with_members)], axis=1)
+                frame.insert(len(ids.columns) + 2, "flag", flags)
                 if out.suffix.lower() == ".csv":
                     frame.to_csv(tmp, mode="a", header=rows == 0, index=False, float_format="%.6g")
                 else:

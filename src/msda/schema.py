@@ -102,6 +102,7 @@ class FeatureSchema:
     scalars: tuple[Scalar, ...]
     series: tuple[Series, ...]
     description: str = ""
+    truth_max: float = 0.6  # m3/m3: predictions are clipped to [0, truth_max] unless asked not to
     _lo: np.ndarray = field(init=False, repr=False, compare=False)
     _hi: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -118,6 +119,8 @@ class FeatureSchema:
                     f"schema {self.name!r}: input {item.name!r} needs a finite range with "
                     f"lo < hi, got [{item.lo}, {item.hi}]"
                 )
+        if not (math.isfinite(self.truth_max) and self.truth_max > 0):
+            raise SchemaError(f"schema {self.name!r}: truth_max must be a positive number, got {self.truth_max}")
         lengths = {s.length for s in self.series}
         if len(lengths) > 1:
             raise SchemaError(
@@ -265,12 +268,15 @@ class FeatureSchema:
                 d["encoding"] = asdict(s.encoding)
             return d
 
-        return {
+        d = {
             "name": self.name,
             "description": self.description,
             "scalars": [scalar(s) for s in self.scalars],
             "series": [asdict(s) for s in self.series],
         }
+        if self.truth_max != 0.6:
+            d["truth_max"] = self.truth_max
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "FeatureSchema":
@@ -312,7 +318,7 @@ class FeatureSchema:
                 )
                 if s:
                     raise SchemaError(f"{source}: series {series[-1].name!r} has unknown keys {sorted(s)}")
-            unknown = set(d) - {"name", "description", "scalars", "series"}
+            unknown = set(d) - {"name", "description", "scalars", "series", "truth_max"}
             if unknown:
                 raise SchemaError(f"{source}: unknown top-level keys {sorted(unknown)}")
             return cls(
@@ -320,6 +326,7 @@ class FeatureSchema:
                 scalars=tuple(scalars),
                 series=tuple(series),
                 description=str(d.get("description", "")),
+                truth_max=float(d.get("truth_max", 0.6)),
             )
         except KeyError as exc:
             raise SchemaError(f"{source}: an input lacks the required key {exc.args[0]!r}") from None
