@@ -24,7 +24,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/msda simulate --out demo_out/benchmark --plots
-	$(BIN)/msda pretrain --samples demo_out/benchmark/pretrain.parquet --out demo_out/weights_9km --widths 16 --epochs 5
+	$(BIN)/msda pretrain --samples demo_out/benchmark/pretrain.parquet --out demo_out/weights_9km --widths 16 --epochs 2 --average-last 1
 	$(BIN)/msda experiment --fine demo_out/benchmark/fine.parquet --coarse demo_out/benchmark/coarse.parquet \
 		--weights demo_out/weights_9km --out demo_out/experiment --quick
 	$(BIN)/msda report demo_out/experiment

@@ -28,7 +28,7 @@ def run_demo(
     scale: float = 1.0,
     seed: int = 0,
     echo: Callable[[str], None] = print,
-    pretrain_epochs: int = 5,
+    pretrain_epochs: int = 2,
     scheduler: str | None = None,
 ) -> None:
     out = Path(out)
