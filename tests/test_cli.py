@@ -84,3 +84,15 @@ def test_schema_show_aligns_long_names(tmp_path):
     rows = r.output.splitlines()[1:]
     starts = {line.index("[", line.index("]") + 1) for line in rows}  # where each range column starts
     assert len(rows) == 3 and len(starts) == 1, r.output
+
+
+def test_demo_checks_its_scale_before_any_work(tmp_path, capsys):
+    """Too small a benchmark for the quick experiment's N is refused at once, naming the least scale."""
+    import time
+
+    from conftest import run_cli
+
+    t0 = time.perf_counter()
+    code, err = run_cli(["demo", "--out", str(tmp_path / "d"), "--scale", "0.1"], capsys)
+    assert code == 2 and "--scale 0.1 gives SCAN 19 stations" in err and "--scale 0.12 or more" in err
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "d").exists()

@@ -679,7 +679,7 @@ def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output directory."),
     scale: float = typer.Option(1.0, help="Benchmark size as a fraction of Table 2."),
     seed: int = typer.Option(0, help="Seed."),
-    pretrain_epochs: int = typer.Option(5, min=1, help="Epochs of the quick 9 km pretraining."),
+    pretrain_epochs: int = typer.Option(2, min=1, help="Epochs of the quick 9 km pretraining."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address; 'inline': no Dask."),
 ) -> None:
     """Run the main job on the embedded default data: benchmark, pretraining, quick experiment, report."""

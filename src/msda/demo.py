@@ -8,6 +8,7 @@ cores; ``msda pretrain`` and ``msda experiment`` with their defaults run the pap
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 from msda.adapt import pretrain
 from msda.experiment import QUICK_MEMBERS, Inputs, Protocol, run_experiment
 from msda.model import MemberSpec
-from msda.simulate import SimConfig, simulate, write_benchmark
+from msda.errors import MsdaError
+from msda.simulate import NETWORKS, SimConfig, simulate, write_benchmark
 from msda.transfer import TrainSettings
 from msda.weights import load_ensemble, save_authors
 
@@ -32,6 +34,13 @@ def run_demo(
     scheduler: str | None = None,
 ) -> None:
     out = Path(out)
+    SimConfig(scale=scale, seed=seed).check()
+    ns = Protocol.quick_run().ns
+    n_scan = max(1, int(round(NETWORKS["SCAN"].stations * scale)))
+    if max(ns) >= n_scan:  # checked before any work: the quick experiment needs a target station left
+        least = math.ceil((max(ns) + 0.5) / NETWORKS["SCAN"].stations * 100) / 100
+        raise MsdaError(f"--scale {scale:g} gives SCAN {n_scan} stations, and the quick experiment trains on up to "
+                        f"{max(ns)} (N in {', '.join(map(str, ns))}) with one left to test: use --scale {least:.2f} or more")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bench = simulate(SimConfig(scale=scale, seed=seed))
