@@ -11,7 +11,7 @@ from msda.weights import save_authors
 
 runner = CliRunner()
 COMMANDS = [[], ["predict"], ["pretrain"], ["adapt"], ["simulate"], ["validate"], ["convert"], ["demo"], ["map"], ["scene"], ["experiment"], ["report"], ["prepare"], ["prepare", "ismn"], ["prepare", "smap"], ["prepare", "static"], ["prepare", "series"], ["prepare", "gee"], ["prepare", "samples"], ["weights"], ["weights", "info"],
-            ["weights", "convert"], ["weights", "init"], ["schema"], ["schema", "show"], ["schema", "write"]]
+            ["weights", "convert"], ["weights", "init"], ["calibrate"], ["schema"], ["schema", "show"], ["schema", "write"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "msda")

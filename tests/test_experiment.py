@@ -90,6 +90,21 @@ def test_runs_are_paired_and_scored_on_the_other_stations(done, files):
     assert not st.merge(runs[["variant", "n", "repeat", "train_stations"]]).apply(
         lambda r: r["station"] in json.loads(r["train_stations"]), axis=1).any()
     assert set(t["regions"]["strip"]) == set(range(6))
+    # the spread as an error bar, per run: rank correlation and the coverage of a conformal interval
+    assert runs["spread_error_spearman"].between(-1, 1).all() and runs["coverage_90"].between(0, 1).all()
+    assert (runs["interval_scale"] > 0).all()
+
+
+def test_uncertainty_scores_on_known_data():
+    from msda.experiment import uncertainty
+
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0.01, 0.05, 4000)
+    pred = rng.uniform(0.1, 0.3, 4000)
+    truth = pred + rng.normal(0, 1.0, 4000) * spread * 2  # errors grow with the spread
+    half = np.arange(4000) < 2000
+    u = uncertainty(truth, pred, spread, calibrate_on=half, score_on=~half)
+    assert u["coverage_90"] == pytest.approx(0.9, abs=0.03) and u["spread_error_spearman"] > 0.2
 
 
 def test_median_run_and_t_tests(done):

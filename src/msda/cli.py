@@ -101,6 +101,23 @@ def predict(
 
 
 @app.command()
+def calibrate(
+    weights: Path = typer.Option(..., "--weights", "-w", help="Our weights directory (the calibration goes into its manifest)."),
+    samples: Path = typer.Option(..., "--samples", "-s", help="50 m samples of stations the weights did not train on."),
+    level: float = typer.Option(0.9, "--level", help="Coverage of the interval, e.g. 0.9."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+) -> None:
+    """Fit a conformal scale of the member spread on held-out stations: predict and its
+    sm_lo / sm_hi then cover the truth at --level (docs/formats.md)."""
+    from msda.calibrate import calibrate_weights
+
+    rec = calibrate_weights(weights, samples, level, device=device)
+    typer.echo(f"calibrated {weights}: {rec['level']:.0%} interval = mean +- {rec['scale']:.3f} x max(spread, "
+               f"{rec['floor']:g}) from {rec['samples']} samples of {rec['stations']} stations "
+               f"(coverage there {rec['coverage_on_calibration']:.1%})")
+
+
+@app.command()
 def validate(
     table: Path = typer.Argument(..., help="Sample table (.csv or .parquet)."),
     kind: Optional[str] = typer.Option(None, help="fine or coarse (inferred when omitted)."),
@@ -167,6 +184,10 @@ def weights_info(weights: Path = typer.Argument(..., help="Weights directory or 
     typer.echo(f"{weights}: {len(e.specs)} members, {n_params:,} parameters, schema {e.schema.name}")
     typer.echo("members: " + ", ".join(e.names))
     typer.echo(f"architecture{' (default)' if e.arch.is_default else ''}: {e.arch.describe()}")
+    cal = getattr(e, "calibration", None)
+    if cal:
+        typer.echo(f"calibration: {cal['level']:.0%} interval = mean +- {cal['scale']:.3f} x max(spread, {cal['floor']:g}), "
+                   f"from {cal['samples']} samples of {cal['stations']} stations ({cal['source']})")
     for k, v in getattr(e, "provenance", {}).items():
         typer.echo(f"  {k}: {v}")
 

@@ -51,6 +51,7 @@ from msda.runs import (  # noqa: F401 (the run records, importable from here as 
     input_fingerprints,
     load_inputs,
     read_record,
+    read_spread,
     read_task,
     select_members,
     task_done,
@@ -324,6 +325,31 @@ def _strip_bounds(st: pd.DataFrame, col: str, strip: str) -> dict[int, str]:
     return {int(i): f"{degrees(r['min'], col)} to {degrees(r['max'], col)}" for i, r in g.iterrows()}
 
 
+INTERVAL_LEVEL = 0.9
+
+
+def uncertainty(truth: np.ndarray, pred: np.ndarray, spread: np.ndarray, calibrate_on: np.ndarray,
+                score_on: np.ndarray) -> dict[str, float]:
+    """How well the member spread measures the error on the ``score_on`` rows (the target
+    stations): Spearman correlation of spread with |error|, and the coverage there of a 90 %
+    conformal interval whose scale comes from the ``calibrate_on`` rows (the other networks'
+    stations, which no fit trains on; msda.calibrate)."""
+    from scipy.stats import spearmanr
+
+    from msda.calibrate import conformal_scale, coverage, interval
+
+    out = {"spread_error_spearman": np.nan, "interval_scale": np.nan, "coverage_90": np.nan}
+    ok = np.isfinite(spread)
+    t, c = score_on & ok, calibrate_on & ok
+    if t.sum() > 2:
+        out["spread_error_spearman"] = float(spearmanr(spread[t], np.abs(truth[t] - pred[t])).statistic)
+    if c.sum() >= 10 and t.any():
+        q = conformal_scale(truth[c], pred[c], spread[c], INTERVAL_LEVEL)
+        out["interval_scale"] = q
+        out["coverage_90"] = coverage(truth[t], *interval(pred[t], spread[t], {"scale": q}))
+    return out
+
+
 def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks: list[Task]) -> dict[str, pd.DataFrame]:
     """Score every finished task; write and return the result tables (``results/*.parquet``)."""
     frame = fine.frame
@@ -336,6 +362,7 @@ def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks
     st_net = st["network"].astype(str).to_numpy()
 
     preds: dict[str, np.ndarray] = {}
+    spreads: dict[str, np.ndarray] = {}
     metas: dict[str, dict] = {}
     done: dict[str, Task] = {}
     for t in tasks:  # an unreadable task file counts as not done: msda experiment redoes it
@@ -343,6 +370,7 @@ def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks
         if path.exists():
             try:
                 metas[t.key], preds[t.key] = read_task(path)
+                spreads[t.key] = read_spread(path)
             except ExperimentError:
                 continue
             if len(preds[t.key]) != len(frame):
@@ -383,6 +411,7 @@ def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks
                 "samples": int(pooled.loc[0, "n"]), **{m: pooled.loc[0, m] for m in METRICS[1:]},
                 **{f"station_{m}": st_mean[m] for m in ("bias", "r", "rmse", "ubrmse")},
                 "inductive_samples": int(pooled.loc[1, "n"]), **{f"inductive_{m}": pooled.loc[1, m] for m in METRICS[1:]},
+                **uncertainty(truth, pred, spreads[key], calibrate_on=ind, score_on=trans),
                 "seconds": meta.get("seconds"), "fit_seconds": meta.get("fit_seconds"),
                 "station_seed": protocol.station_seed(n, rep),
             })

@@ -360,13 +360,17 @@ def predict_table(
     ``sm_pred`` is clipped to [0, the schema's truth_max] (``clip=False`` keeps the raw mean)
     and ``flag`` holds, per row, the bits ``OUT_OF_RANGE`` (an input outside the schema's range),
     ``OUT_OF_TRAINING`` (outside ``ranges``, the training samples' per-feature range) and
-    ``CLIPPED``. Memory is bounded by ``chunk_rows``; ``out`` appears only when complete, and
+    ``CLIPPED``. Weights calibrated by ``msda calibrate`` add the interval ``sm_lo``, ``sm_hi`` at
+    their level. Memory is bounded by ``chunk_rows``; ``out`` appears only when complete, and
     replaces only an earlier prediction table (or anything with ``force``), never ``table``.
     """
     out = Path(out)
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise MsdaError(f"{out}: output must end in .parquet or .csv")
     check_output(out, "predictions", (table,), force)
+    from msda.calibrate import interval
+
+    calibration = getattr(ensemble, "calibration", None)
     engine = inference_engine(ensemble.eval(), resolve_device(device), compile=compile)
     rows = 0
     with atomic_path(out, "predictions", inputs=(table,), force=force) as tmp:
@@ -383,7 +387,13 @@ def predict_table(
                     pred, clipped = pred.bounded(ensemble.schema.truth_max)
                     flags |= clipped
                 frame = pd.concat([ids.reset_index(drop=True), pred.frame(with_members)], axis=1)
-                frame.insert(len(ids.columns) + 2, "flag", flags)
+                at = len(ids.columns) + 2
+                if calibration is not None:  # the conformal interval of msda calibrate
+                    low, high = interval(pred.mean, pred.std, calibration, hi=ensemble.schema.truth_max if clip else None)
+                    frame.insert(at, "sm_lo", low.astype(np.float32))
+                    frame.insert(at + 1, "sm_hi", high.astype(np.float32))
+                    at += 2
+                frame.insert(at, "flag", flags)
                 if out.suffix.lower() == ".csv":
                     frame.to_csv(tmp, mode="a", header=rows == 0, index=False, float_format="%.6g")
                 else:

@@ -178,6 +178,15 @@ def read_task(path: Path) -> tuple[dict, np.ndarray]:
     return meta, pred
 
 
+def read_spread(path: Path) -> np.ndarray:
+    """A finished task's member spread per row of the fine table (NaN for files without it)."""
+    try:
+        table = pq.read_table(path, columns=["spread"])
+        return table.column("spread").to_numpy()
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return np.full(pq.read_metadata(path).num_rows, np.nan)
+
+
 def task_done(path: Path) -> bool:
     """True for a readable task file; an unreadable one (a kill, a full disk) is removed, to redo."""
     if not path.exists():

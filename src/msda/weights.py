@@ -114,6 +114,7 @@ def _load_ours(path: Path, schema: FeatureSchema | None) -> DenseSME:
     if stray:
         raise WeightsError(f"{directory / TENSORS}: tensors of members {stray} not in the manifest")
     ensemble.provenance = manifest.get("provenance", {})  # type: ignore[attr-defined]
+    ensemble.calibration = manifest.get("calibration")  # type: ignore[attr-defined]  (msda calibrate)
     return ensemble
 
 
