@@ -153,6 +153,9 @@ def test_take_home_names_the_best_and_its_significance():
     assert text.startswith("Lowest median-run RMSE on the target stations: msda (0.7) at N = 1; finetune at N = 5.")
     assert "significant at N = 1 (over finetune, p = 0.001)" in text
     assert "not at N = 5 (over msda (0.7), p = 0.4)" in text
+    none = take_home(median, tt.assign(p=[0.3, 0.4]))
+    assert "significant at no N: 1 (over finetune, p = 0.3); 5 (over msda (0.7), p = 0.4)." in none
+    assert "significant at every N" in take_home(median, tt.assign(p=[0.01, 0.02]))
 
 
 def test_resume_redoes_only_missing_fits(done):

@@ -65,9 +65,12 @@ def take_home(median: pd.DataFrame, ttests: pd.DataFrame, alpha: float = 0.05) -
     first = "; ".join(f"{v} at N = {', '.join(map(str, ns))}" for v, ns in
                       sorted(best_at.items(), key=lambda kv: -len(kv[1])))
     text = f"Lowest median-run RMSE on the target stations: {first}."
-    if sig or not_sig:
-        text += (f" The margin over the runner-up is significant at N = {'; '.join(sig) or 'none'}"
-                 + (f", and not at N = {'; '.join(not_sig)}." if not_sig else "."))
+    if sig and not_sig:
+        text += f" The margin over the runner-up is significant at N = {'; '.join(sig)}, and not at N = {'; '.join(not_sig)}."
+    elif sig:
+        text += f" The margin over the runner-up is significant at every N: {'; '.join(sig)}."
+    elif not_sig:
+        text += f" The margin over the runner-up is significant at no N: {'; '.join(not_sig)}."
     return text
 
 
@@ -315,7 +318,10 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> Pa
     figures = make_figures(out, tables, record)
     proto = record["protocol"]
     runs, median, tt = tables["runs"], tables["median"], tables["ttests"]
-    n_tasks = len(list((out / "tasks").glob("*.parquet")))
+    from msda.runs import Protocol
+
+    keys = {t.key for t in Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in proto.items()}).tasks()}
+    n_tasks = sum(p.stem in keys for p in (out / "tasks").glob("*.parquet"))  # this protocol's, not older ones
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>msda experiment</title><style>",
         ".take{font-size:17px;background:#eef5ff;border:1px solid #9bbce6;padding:0.6em 1em}"
