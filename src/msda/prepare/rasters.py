@@ -213,8 +213,7 @@ def static_at_stations(stations: pd.DataFrame, specs: list[str], grid: str = "50
     """One row per station (network, station) and one column per ``NAME=FILE[:angle][:bandN]``:
     each raster's area-weighted mean over the station's cell of ``grid``."""
     table = stations[[c for c in ("network", "station") if c in stations]].copy()
-    for spec in specs:
-        name, path, band, angle = parse_static_spec(spec)
+    for name, path, band, angle in [parse_static_spec(spec) for spec in specs]:  # every spec checked first
         table[name] = aggregate_at_stations(path, stations, grid, band=band, angle=angle).to_numpy()
     return table
 
@@ -222,8 +221,7 @@ def static_at_stations(stations: pd.DataFrame, specs: list[str], grid: str = "50
 def series_at_stations(stations: pd.DataFrame, specs: list[str], grid: str = "50m") -> pd.DataFrame:
     """network, station, date and one column per ``NAME=GLOB`` of dated rasters (outer-joined)."""
     table = None
-    for spec in specs:
-        name, files = parse_series_spec(spec)
+    for name, files in [parse_series_spec(spec) for spec in specs]:  # every pattern checked before any read
         part = series_from_rasters(files, stations, name, grid)
         table = part if table is None else table.merge(part, on=["network", "station", "date"], how="outer")
     return table.sort_values(["network", "station", "date"]).reset_index(drop=True)
