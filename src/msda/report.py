@@ -356,7 +356,7 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> Pa
         parts += ["<h2>Median-RMSE run per method and N (target stations, m<sup>3</sup>/m<sup>3</sup>)</h2>",
                   _table(pd.concat([wide, paper]).reset_index().rename(columns={"index": "variant"})),
                   "<p>The paper's figures are on real data; on synthetic data only the direction of the comparisons "
-                  "is meaningful (METHOD.md section 8).</p>"]
+                  "is meaningful (docs/method.md, docs/simulate.md).</p>"]
         for metric, label in (("r", "R"), ("bias", "bias"), ("ubrmse", "ubRMSE"), ("inductive_rmse", "inductive RMSE (other networks)")):
             w = median.pivot_table(index="variant", columns="n", values=metric).reindex(_order(median["variant"]))
             w.columns = [f"N={c}" for c in w.columns]
