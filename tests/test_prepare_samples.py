@@ -39,6 +39,15 @@ def test_eight_day_windows_and_gap_filling():
     sparse = s[::16]  # a value every 16 days: empty steps are filled from their neighbours
     filled = eight_day_series(sparse, d)[0]
     assert not np.isnan(filled).any() and np.all(np.diff(filled) >= 0)
+    # the schema's step: 12-day steps reach further back
+    twelve = eight_day_series(s, d, steps=46, step_days=12)[0]
+    assert twelve[45] == pytest.approx(i - 6.5) and np.allclose(np.diff(twelve[20:]), 12.0)
+    # gap rule: runs of up to 2 empty steps are filled, a longer run stays NaN
+    holes = s.drop(s.index[(s.index >= d[0] - pd.Timedelta(days=40)) & (s.index < d[0] - pd.Timedelta(days=16))])
+    got = eight_day_series(holes, d)[0]  # steps 41-43 empty (24 days): 3 > 2, kept NaN
+    assert np.isnan(got[41:44]).all() and not np.isnan(got[:41]).any() and not np.isnan(got[44:]).any()
+    two = s.drop(s.index[(s.index >= d[0] - pd.Timedelta(days=32)) & (s.index < d[0] - pd.Timedelta(days=16))])
+    assert not np.isnan(eight_day_series(two, d)[0]).any()
 
 
 def test_build_samples_fine(tmp_path):

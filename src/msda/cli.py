@@ -541,6 +541,7 @@ def prepare_samples(
     kind: str = typer.Option("fine", help="fine (in-situ truth, 50 m) or coarse (SMAP truth, 9 km)."),
     min_dates: int = typer.Option(6, "--min-dates", min=1, help="Keep stations with at least this many coincident dates."),
     schema: Optional[Path] = SchemaOpt,
+    drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop samples whose series keep a gap longer than 2 steps (default: an error)."),
     force: bool = ForceOpt,
 ) -> None:
     """Per-site time series (e.g. Earth Engine exports) -> a validated sample table for adapt/experiment."""
@@ -552,7 +553,9 @@ def prepare_samples(
     _out(out, "samples", sar, daily, static, stations, truth, schema, force=force)
     tables = [read_table(p, what) for p, what in ((sar, "sar"), (daily, "daily"), (static, "static"),
                                                    (stations, "stations"), (truth, "truth"))]
-    samples = build_samples(*tables, kind=kind, schema=_schema(schema), min_dates=min_dates)
+    samples = build_samples(*tables, kind=kind, schema=_schema(schema), min_dates=min_dates, drop_nan=drop_nan)
+    if samples.dropped_nan:
+        typer.echo(f"dropped {samples.dropped_nan} samples whose series keep a gap longer than 2 steps")
     write_samples(samples, out, force=force)
     f = samples.frame
     typer.echo(f"wrote {out}: {len(f)} {kind} samples at {f['station'].nunique()} stations "

@@ -69,9 +69,17 @@ def _dated(frame: pd.DataFrame, what: str) -> pd.DataFrame:
     return out
 
 
-def eight_day_series(daily: pd.Series, dates: pd.DatetimeIndex, steps: int = 46, step_days: int = 8) -> np.ndarray:
-    """(len(dates), steps) means of ``daily`` (a date-indexed series with gaps) over 8-day steps
-    before each date; empty steps filled linearly along the series, the ends with the nearest."""
+MAX_GAP_STEPS = 2  # empty steps filled from their neighbours only in runs of at most this many
+
+
+def eight_day_series(daily: pd.Series, dates: pd.DatetimeIndex, steps: int = 46, step_days: int = 8,
+                     max_gap: int = MAX_GAP_STEPS) -> np.ndarray:
+    """(len(dates), steps) means of ``daily`` (a date-indexed series with gaps) over steps of
+    ``step_days`` days before each date (the schema's ``step_days``; 8 in Table 1).
+
+    Gap rule: a run of at most ``max_gap`` empty steps is filled linearly from the steps on
+    either side (at the ends, from the nearest); a longer run stays NaN, and the sample then has
+    NaN features (an error, or dropped with ``drop_nan``)."""
     daily = daily.dropna()
     if daily.empty:
         return np.full((len(dates), steps), np.nan)
@@ -88,9 +96,15 @@ def eight_day_series(daily: pd.Series, dates: pd.DatetimeIndex, steps: int = 46,
         out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     x = np.arange(steps)
     for i in np.flatnonzero(np.isnan(out).any(axis=1)):
-        good = ~np.isnan(out[i])
-        if good.any():
-            out[i] = np.interp(x, x[good], out[i, good])
+        empty = np.isnan(out[i])
+        if empty.all():
+            continue
+        filled = np.interp(x, x[~empty], out[i, ~empty])
+        # runs of empty steps: fill the short ones only
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], empty.astype(int), [0]])))
+        for a, b in zip(edges[::2], edges[1::2]):
+            if b - a <= max_gap:
+                out[i, a:b] = filled[a:b]
     return out
 
 
@@ -104,8 +118,11 @@ def build_samples(
     schema: FeatureSchema = DEFAULT_SCHEMA,
     min_dates: int = 6,
     lc: pd.DataFrame | None = None,
+    drop_nan: bool = False,
 ) -> Samples:
-    """The sample table of ``kind`` (fine: in-situ truth; coarse: SMAP truth)."""
+    """The sample table of ``kind`` (fine: in-situ truth; coarse: SMAP truth). Series follow
+    the schema's length and ``step_days`` and the gap rule of :func:`eight_day_series`; rows
+    left with NaN features are an error unless ``drop_nan``."""
     sar, daily, truth = _dated(sar, "sar"), _dated(daily, "daily"), _dated(truth, "truth")
     _need(truth, ["sm_m3m3"], "truth")
     _need(stations, KEYS + ["r", "c"], "stations")
@@ -141,7 +158,7 @@ def build_samples(
         block = np.full((len(samples), s.length), np.nan)
         for (net, st), idx in samples.groupby(KEYS).indices.items():
             d = daily[(daily["network"] == net) & (daily["station"] == st)].set_index("date")[s.name]
-            block[idx] = eight_day_series(d, pd.DatetimeIndex(samples["date"].to_numpy()[idx]), s.length)
+            block[idx] = eight_day_series(d, pd.DatetimeIndex(samples["date"].to_numpy()[idx]), s.length, s.step_days)
             if np.isnan(block[idx]).all():
                 raise PrepareError(f"station {st!r} ({net}): no {s.name} values in the daily table")
         for j, col in enumerate(s.column_names()):
@@ -155,4 +172,4 @@ def build_samples(
     if lc is not None:
         ids = ids.merge(lc.assign(station=lc["station"].astype(str))[KEYS + ["lc"]], on=KEYS, how="left")
     frame = pd.concat([ids, samples[["sm_m3m3"]], pd.DataFrame(features, columns=schema.feature_names)], axis=1)
-    return samples_from_frame(frame, kind, schema)
+    return samples_from_frame(frame, kind, schema, drop_nan)
