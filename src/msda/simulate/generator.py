@@ -588,20 +588,20 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
     smap_am = rng.uniform(size=(len(days), n_cells)) < 0.55
     smap_pm = rng.uniform(size=(len(days), n_cells)) < 0.55
 
-    def area_mean(daily: np.ndarray, subs: np.ndarray) -> np.ndarray:
-        """(days, cells): mean over each cell's 50 m cells ``subs`` (cells, k), open water left out."""
+    def area_mean(daily: np.ndarray, subs: np.ndarray, gathered: bool = False) -> np.ndarray:
+        """(days, cells): mean over each cell's 50 m cells ``subs`` (cells, k), open water left
+        out; ``gathered``: ``daily`` already holds those columns, (days, cells * k)."""
         w = land[subs].astype(np.float64)
-        return np.einsum("dck,ck->dc", daily[:, subs], w, dtype=np.float64) / np.maximum(w.sum(1), 1)
+        values = daily.reshape(len(daily), *subs.shape) if gathered else daily[:, subs]
+        return np.einsum("dck,ck->dc", values, w, dtype=np.float64) / np.maximum(w.sum(1), 1)
 
     # SMAP-like 9 km soil moisture: the top layer over the ~35 km footprint, a dry bias and noise
     # that grow with vegetation water content, AM and PM passes
     cell_mean = area_mean(sm, inner_sub)
     footprint = area_mean(thin, foot_sub)
-    fs = foot_sub.ravel()
-    vwc = physics.vegetation_water_content(ndvi[:, fs], ndvi_min[fs], ndvi_max[fs], cls["stem_factor"][lc[fs]])
-    w = land[foot_sub].astype(np.float64)
-    vwc_foot = (vwc.reshape(len(days), n_cells, FOOTPRINT) * w).sum(2) / np.maximum(w.sum(1), 1)
-    del vwc
+    fs = foot_sub.ravel()  # vegetation water content of the footprint's cells only
+    vwc_foot = area_mean(physics.vegetation_water_content(ndvi[:, fs], ndvi_min[fs], ndvi_max[fs],
+                                                          cls["stem_factor"][lc[fs]]), foot_sub, gathered=True)
     bias = -(SMAP_DRY_BIAS[0] + SMAP_DRY_BIAS[1] * vwc_foot)
     noise_sd = SMAP_NOISE[0] + SMAP_NOISE[1] * vwc_foot
     pm_bias = rng.normal(0.015, 0.01, n_cells)
@@ -738,7 +738,8 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
         })
         return pd.concat([ids, feats], axis=1)
 
-    names: list[tuple[str, str]] = [("PRETRAIN", f"cell_{r}_{c}") for r, c in zip(cells["r"], cells["c"])]
+    pre_names = [("PRETRAIN", f"cell_{r}_{c}") for r, c in zip(cells["r"], cells["c"])]
+    names: list[tuple[str, str]] = list(pre_names)  # station cells named after their first station
     for _, row in first_station.iterrows():
         names[cell_of[(row["r"], row["c"])]] = (row["network"], row["station"])
     st_cell_idx = np.arange(len(st_cells))
@@ -749,7 +750,6 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
         idx = np.flatnonzero(nets_of_cell == net)
         counts[idx] = _split_total(int(round(coarse_target[net])), len(idx), cap9[idx], rng)
     coarse_frame = coarse_rows(st_cell_idx, counts, names)
-    pre_names = [("PRETRAIN", f"cell_{r}_{c}") for r, c in zip(cells["r"], cells["c"])]
     pretrain_frame = coarse_rows(np.arange(n_cells), np.full(n_cells, pre_per_cell), pre_names)
 
     fine = samples_from_frame(fine_frame, "fine")
