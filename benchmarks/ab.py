@@ -1,9 +1,8 @@
 """Side-by-side timing of this tree against a git revision, interleaved in one process.
 
 This machine's speed moves by up to 2x within minutes (memory-bound code most), so a speed-up is
-only trustworthy when the old and the new code run in turns in the same process. This loads
-``src/msda/stacked.py`` and ``src/msda/predict.py`` as they are at ``--against`` (default HEAD)
-next to the working tree's, and times in turns:
+only trustworthy when the old and the new code run in turns in the same process. This loads the
+package as it is at ``--against`` (default HEAD) next to the working tree's, and times in turns:
 
 - ``step``: one training step of the 25-member stacked ensemble (3 streams of 128 samples,
   forward, a loss on outputs and features, backward, Adam), in ms;
@@ -15,7 +14,8 @@ next to the working tree's, and times in turns:
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,32 +24,39 @@ from pathlib import Path
 
 import torch
 
-from msda.model import DenseSME, default_members
+from msda.network.model import DenseSME, default_members
 from msda.runtime import tune_allocator
 from msda.schema import DEFAULT_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _show(rev: str, path: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True,
-                          check=True).stdout
+def package_at(rev: str, folder: Path):
+    """The ``msda`` package as it is at git revision ``rev``, importable next to the working tree's
+    as ``msda_at_rev`` (its own imports renamed), C source included."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/msda"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    root = folder / "msda_at_rev"
+    (folder / "src" / "msda").rename(root)
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        text = re.sub(r"^(\s*)from msda(\.| import)", r"\1from msda_at_rev\2", text, flags=re.M)
+        text = re.sub(r"^(\s*)import msda\.", r"\1import msda_at_rev.", text, flags=re.M)
+        path.write_text(text)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("msda_at_rev")
 
 
-def module_at(rev: str, name: str, folder: Path):
-    """``msda.<name>`` as it is at git revision ``rev``, imported under another name; its
-    ``native`` (the C kernels, if it uses them) is also the one at ``rev``, with its C source."""
-    path = folder / f"{name}_at_rev.py"
-    path.write_text(_show(rev, f"src/msda/{name}.py"))
-    if name == "native":
-        (folder / "_convstage.c").write_text(_show(rev, "src/msda/_convstage.c"))
-    spec = importlib.util.spec_from_file_location(f"{name}_at_rev", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    if name != "native" and hasattr(module, "native"):
-        module.native = sys.modules.get("native_at_rev") or module_at(rev, "native", folder)
-    return module
+def engine_module(package: str, kind: str):
+    """The module holding the stacked trainer (``kind`` "stacked") or the fused predictor ("fused")
+    in ``package``, wherever that revision keeps it."""
+    for name in ((f"{package}.network.stacked", f"{package}.stacked") if kind == "stacked"
+                 else (f"{package}.network.fused", f"{package}.predict")):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+    raise SystemExit(f"no {kind} engine in {package}")
 
 
 def step_fn(stacked_module, ensemble: DenseSME, x: torch.Tensor):
@@ -77,13 +84,12 @@ def main() -> None:
     ensemble = DenseSME(default_members(), seed=0)
     what = args.what.split(",")
     with tempfile.TemporaryDirectory() as tmp:
+        package_at(args.against, Path(tmp))
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 'old' = {args.against}, 'new' = working tree")
         if "step" in what:
-            new_stacked = importlib.import_module("msda.stacked")
-
             x = torch.rand(384, DEFAULT_SCHEMA.n_features)
-            fns = {"old": step_fn(module_at(args.against, "stacked", Path(tmp)), ensemble, x),
-                   "new": step_fn(new_stacked, ensemble, x)}
+            fns = {"old": step_fn(engine_module("msda_at_rev", "stacked"), ensemble, x),
+                   "new": step_fn(engine_module("msda", "stacked"), ensemble, x)}
             times = {k: [] for k in fns}
             for _ in range(args.repeats):
                 for k, fn in fns.items():
@@ -98,12 +104,10 @@ def main() -> None:
             print(f"step    old / new: {min(times['old']) / min(times['new']):.2f}x (min), "
                   f"{sorted(times['old'])[len(v) // 2] / sorted(times['new'])[len(v) // 2]:.2f}x (median)")
         if "predict" in what:
-            new_predict = importlib.import_module("msda.predict")  # (msda.predict is also a function)
-
             ensemble.eval()
             x = torch.rand(4096, DEFAULT_SCHEMA.n_features)
-            engines = {"old": module_at(args.against, "predict", Path(tmp)).FusedEnsemble(ensemble),
-                       "new": new_predict.FusedEnsemble(ensemble)}
+            engines = {"old": engine_module("msda_at_rev", "fused").FusedEnsemble(ensemble),
+                       "new": engine_module("msda", "fused").FusedEnsemble(ensemble)}
             rates = {k: [] for k in engines}
             with torch.inference_mode():
                 for _ in range(args.repeats):

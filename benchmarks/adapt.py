@@ -33,7 +33,7 @@ import torch
 
 from msda.adapt import pretrain
 from msda.metrics import scores
-from msda.model import default_members
+from msda.network.model import default_members
 from msda.predict import predict
 from msda.simulate import SimConfig, simulate
 from msda.tables import TRUTH, to_authors

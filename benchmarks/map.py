@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from predict import ISSUE_BOUND, macs_per_sample, sgemm_gflops  # noqa: E402
 
-from msda.model import DenseSME  # noqa: E402
+from msda.network.model import DenseSME  # noqa: E402
 from msda.weights import save_ensemble  # noqa: E402
 
 CHILD = """

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from msda.model import DenseSME, pooled_length
+from msda.network.model import DenseSME, pooled_length
 from msda.predict import FusedEnsemble, predict
 
 ISSUE_BOUND = 23_000  # samples/s: 3.5 M MAC/sample at ~160 GFLOP/s (foundation issue)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from msda.model import DenseSME, MemberSpec
+from msda.network.model import DenseSME, MemberSpec
 from msda.schema import DEFAULT_SCHEMA
 from msda.tables import Samples, samples_from_frame
 

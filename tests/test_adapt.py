@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from msda.adapt import adapt
 from msda.cli import app
-from msda.model import DenseSME, MemberSpec
+from msda.network.model import DenseSME, MemberSpec
 from msda.simulate import SimConfig, simulate
 from msda.tables import write_samples
 from msda.transfer import TrainSettings

@@ -11,7 +11,7 @@ from scipy import stats
 from msda.errors import MsdaError
 from msda.experiment import ExperimentError, Inputs, Protocol, median_runs, run_experiment
 from msda.metrics import grouped_scores, scores
-from msda.model import DenseSME, MemberSpec
+from msda.network.model import DenseSME, MemberSpec
 from msda.simulate import SimConfig, simulate
 from msda.tables import write_samples
 from msda.weights import save_ensemble
@@ -35,7 +35,7 @@ def files(tmp_path_factory):
 def done(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
     inputs = Inputs(str(files / "fine.parquet"), str(files / "coarse.parquet"), str(files / "w"))
-    tables = run_experiment(inputs, out, Protocol(**PROTO), scheduler="inline", device="cpu", progress=False)
+    tables = run_experiment(inputs, out, Protocol.make(**PROTO), scheduler="inline", device="cpu", progress=False)
     return out, inputs, tables
 
 
@@ -56,20 +56,35 @@ def test_grouped_scores_equal_scores():
 
 
 def test_protocol_tasks_and_seeds():
-    p = Protocol(**PROTO)
+    p = Protocol.make(**PROTO)
     tasks = p.tasks()
     # pretrained once; per (N, repeat): finetune + msda at two alphas
     assert len(tasks) == 1 + 2 * 3 * 3 and len({t.key for t in tasks}) == len(tasks)
     assert p.station_seed(1, 0) != p.station_seed(1, 1) != p.station_seed(2, 1)
-    assert Protocol(**PROTO, seed=1).station_seed(1, 0) != p.station_seed(1, 0)
+    assert Protocol.make(**PROTO, seed=1).station_seed(1, 0) != p.station_seed(1, 0)
     q = Protocol.quick_run()
     assert q.quick and len(q.members) == 5 and q.repeats < 10
     for kwargs, match in [({"methods": ("nope",)}, "unknown method"), ({"alphas": (1.5,)}, "alpha"),
                           ({"repeats": 0}, "repeats"), ({"ns": (0,)}, "N must be")]:
         with pytest.raises(ExperimentError, match=match):
-            Protocol(**{**PROTO, **kwargs}).check(10)
+            Protocol.make(**{**PROTO, **kwargs}).check(10)
     with pytest.raises(ExperimentError, match="no target station"):
-        Protocol(**PROTO).check(2)
+        Protocol.make(**PROTO).check(2)
+
+
+def test_protocol_composes_the_fit_settings():
+    p = Protocol.make(**{**PROTO, "lr": 1e-3, "domain_loss": "mmd"})
+    assert p.train.lr == 1e-3 and p.train.epochs == PROTO["epochs"] and p.loss.domain_loss == "mmd"
+    assert Protocol.from_dict(p.to_dict()) == p
+    # the flat layout of older run records reads to the same protocol
+    flat = {k: v for k, v in p.to_dict().items() if k not in ("train", "loss")}
+    assert Protocol.from_dict({**flat, **p.to_dict()["train"], "domain_loss": "mmd"}) == p
+    task = next(t for t in p.tasks() if t.method == "msda")
+    weights, settings = p.task_settings(task, seed=5, device="cpu")
+    assert (weights.alpha, weights.beta, weights.domain_loss) == (task.alpha, "auto", "mmd")
+    assert (settings.seed, settings.device, settings.lr) == (5, "cpu", 1e-3)
+    with pytest.raises(ExperimentError, match="unknown protocol setting"):
+        Protocol.make(epoch=3)
 
 
 def test_runs_are_paired_and_scored_on_the_other_stations(done, files):
@@ -133,7 +148,7 @@ def test_report_and_results(done):
     for name in ("runs", "stations", "networks", "regions", "median", "ttests", "alpha"):
         assert (out / "results" / f"{name}.parquet").exists()
     record = json.loads((out / "protocol.json").read_text())
-    assert record["protocol"]["epochs"] == 1 and "torch" in record
+    assert record["protocol"]["train"]["epochs"] == 1 and "torch" in record
     assert "Take-home." in html and "Lowest median-run RMSE" in html
     assert "<b>Transductive</b>" in html and "<b>ubRMSE</b>" in html
     assert '"fingerprints"' not in html and "&quot;protocol&quot;" not in html  # no raw JSON dump
@@ -163,19 +178,19 @@ def test_resume_redoes_only_missing_fits(done):
     files = sorted((out / "tasks").glob("*.parquet"))
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
     files[3].unlink()
-    again = run_experiment(inputs, out, Protocol(**PROTO), scheduler="inline", device="cpu", progress=False, report=False)
+    again = run_experiment(inputs, out, Protocol.make(**PROTO), scheduler="inline", device="cpu", progress=False, report=False)
     after = {f.name: f.stat().st_mtime_ns for f in (out / "tasks").glob("*.parquet")}
     assert set(after) == set(stamps)
     assert [k for k in after if after[k] != stamps[k]] == [files[3].name]
     timing = ["seconds", "fit_seconds"]
     pd.testing.assert_frame_equal(again["runs"].drop(columns=timing), tables["runs"].drop(columns=timing))  # same seeds, same fit
     with pytest.raises(ExperimentError, match="other fit settings"):
-        run_experiment(inputs, out, Protocol(**{**PROTO, "epochs": 2}), scheduler="inline", progress=False)
+        run_experiment(inputs, out, Protocol.make(**{**PROTO, "epochs": 2}), scheduler="inline", progress=False)
 
 
 def test_tasks_run_on_a_local_dask_cluster(files, tmp_path):
     inputs = Inputs(str(files / "fine.parquet"), str(files / "coarse.parquet"), str(files / "w"))
-    p = Protocol(ns=(1,), repeats=2, methods=("finetune",), epochs=1, average_last=1, batch=64)
+    p = Protocol.make(ns=(1,), repeats=2, methods=("finetune",), epochs=1, average_last=1, batch=64)
     t = run_experiment(inputs, tmp_path / "d", p, device="cpu", progress=False, report=False)
     assert len(t["runs"]) == 2 and len(list((tmp_path / "d" / "tasks").glob("*.parquet"))) == 2
     meta = json.loads(__import__("pyarrow.parquet").parquet.read_schema(
@@ -219,7 +234,7 @@ def test_existing_cluster_by_address(files, tmp_path):
     from dask.distributed import LocalCluster
 
     inputs = Inputs(str(files / "fine.parquet"), str(files / "coarse.parquet"), str(files / "w"))
-    p = Protocol(ns=(2,), repeats=1, methods=("msda",), epochs=1, average_last=1, batch=64)
+    p = Protocol.make(ns=(2,), repeats=1, methods=("msda",), epochs=1, average_last=1, batch=64)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
         t = run_experiment(inputs, tmp_path / "a", p, scheduler=cluster.scheduler_address, device="cpu",
                            progress=False, report=False)

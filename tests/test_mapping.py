@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from msda.cli import app
 from msda.grids import GRID_9KM, GRID_50M
 from msda.mapping import NODATA, OUT_OF_RANGE, OUT_OF_TRAINING, MapError, make_map, open_stack, open_zarr
-from msda.model import DenseSME, MemberSpec
+from msda.network.model import DenseSME, MemberSpec
 from msda.predict import predict
 from msda.schema import DEFAULT_SCHEMA
 from msda.simulate.scene import simulate_scene, to_geotiffs, write_scene

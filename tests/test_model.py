@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from msda.errors import WeightsError
-from msda.model import DenseSM, DenseSME, MemberSpec, default_members, pooled_length
+from msda.network.model import DenseSM, DenseSME, MemberSpec, default_members, pooled_length
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema
 from msda.weights import load_ensemble, read_manifest, save_authors, save_ensemble
 

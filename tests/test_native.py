@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from msda import native
+from msda.network import native
 from msda.errors import MsdaError
 from msda.predict import FusedEnsemble, predict
 
@@ -114,24 +114,25 @@ def _conv_stage(use_c, lib, patches, params, length, training, grad, seed=11):
     ReLU, dropout and pool, and conv3 as a Conv1d (replicate padding)."""
     import torch.nn.functional as F
 
-    from msda.stacked import _BN, _LinearReluDropoutPool2, _NativeConvStage, _ReluDropoutPool2
+    from msda.network.conv_stage import NativeConvStage
+    from msda.network.ops import LinearReluDropoutPool2, ReluDropoutPool2, StackedBN
 
     leaves = [t.detach().clone().requires_grad_(True) for t in params]
     fused, w2, b2, gamma, beta, w3, b3 = leaves
     m = w2.shape[0]
-    bn2 = _BN((m, 16))
+    bn2 = StackedBN((m, 16))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same dropout words on both paths
         if use_c:
-            y, stats = _NativeConvStage.apply(patches, fused, w2, b2, gamma, beta, w3, b3, length, training, bn2,
+            y, stats = NativeConvStage.apply(patches, fused, w2, b2, gamma, beta, w3, b3, length, training, bn2,
                                               slice(None), lib)
             var, mean = torch.var_mean(y.detach().double(), dim=(0, 2), correction=0)  # the kernel's statistics
             torch.testing.assert_close(stats, torch.stack((mean, var)), rtol=1e-5, atol=1e-5)
         else:
-            h = _LinearReluDropoutPool2.apply(patches, fused, length, training, 2)  # (B, L/2 + 4, m*32)
+            h = LinearReluDropoutPool2.apply(patches, fused, length, training, 2)  # (B, L/2 + 4, m*32)
             z = F.conv1d(h.transpose(1, 2), w2.flatten(0, 1), b2.flatten(), groups=m)  # (B, m*16, L/2)
             zn = F.batch_norm(z, bn2.running_mean.view(-1), bn2.running_var.view(-1), gamma, beta, True, 0.1, 1e-5)
-            h2 = _ReluDropoutPool2.apply(zn.transpose(1, 2), training, 1).transpose(1, 2)  # (B, m*16, L/4)
+            h2 = ReluDropoutPool2.apply(zn.transpose(1, 2), training, 1).transpose(1, 2)  # (B, m*16, L/4)
             y = F.conv1d(F.pad(h2, (2, 2), mode="replicate"), w3.flatten(0, 1), b3.flatten(), groups=m)
     (y * grad).sum().backward()
     return [y.detach(), bn2.running_mean.clone(), bn2.running_var.clone()] + [t.grad for t in leaves]
@@ -174,8 +175,8 @@ def test_training_convolutions_equal_pytorch(length, training, openmp):
 def test_stacked_training_with_c_equals_pytorch(full_ensemble, monkeypatch):
     """A whole training step of the 25 stacked members, dropout on: outputs, features and every
     parameter's gradient agree between the C convolutions and PyTorch's."""
-    from msda import stacked
-    from msda.stacked import StackedEnsemble
+    from msda.network import stacked
+    from msda.network.stacked import StackedEnsemble
 
     monkeypatch.setattr(stacked, "CHUNK_BYTES", 1 << 40)  # PyTorch's path in one member chunk too: the same mask words
     x = torch.rand(70, 153, generator=torch.Generator().manual_seed(0))
@@ -201,7 +202,7 @@ def test_stacked_training_with_c_equals_pytorch(full_ensemble, monkeypatch):
 
 
 def test_stacked_native_insists(fresh_cache, monkeypatch, full_ensemble):
-    from msda.stacked import StackedEnsemble
+    from msda.network.stacked import StackedEnsemble
 
     monkeypatch.setenv("MSDA_NATIVE", "0")
     st = StackedEnsemble.from_ensemble(full_ensemble).train()
@@ -246,12 +247,13 @@ def test_dense_batchnorm_relu_equals_pytorch(width):
 @pytest.mark.parametrize("length", [11, 20, 3, 1])
 @pytest.mark.parametrize("dropout", [True, False])
 def test_third_batchnorm_pool_equals_pytorch(length, dropout):
-    """conv3's batch norm, ReLU, dropout and pool of 4 (ceil) in C (``_ToeplitzConv.pooled``)
+    """conv3's batch norm, ReLU, dropout and pool of 4 (ceil) in C (``ToeplitzConv.pooled``)
     against PyTorch's: output, running statistics and the gradients of the input and of the
     batch norm; steps past 16 (two vector chunks), windows cut short, a single step."""
     import torch.nn.functional as F
 
-    from msda.stacked import _avg_pool, _dropout, _ToeplitzConv
+    from msda.network.conv_stage import ToeplitzConv
+    from msda.network.ops import avg_pool, coin_dropout
 
     lib = native.conv_stage_library()
     g = torch.Generator().manual_seed(8)
@@ -260,7 +262,7 @@ def test_third_batchnorm_pool_equals_pytorch(length, dropout):
     go = torch.randn(37, m * 4, -(-length // 4), generator=g)
     results = []
     for use_c in (True, False):
-        conv = _ToeplitzConv(m + 1, 16, 4, 4).train()  # one member more: the slice of members is honoured
+        conv = ToeplitzConv(m + 1, 16, 4, 4).train()  # one member more: the slice of members is honoured
         with torch.no_grad():
             conv.bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
             conv.bn.bias.normal_(generator=torch.Generator().manual_seed(4))
@@ -272,7 +274,7 @@ def test_third_batchnorm_pool_equals_pytorch(length, dropout):
                 var, mean = torch.var_mean(yi.detach().double(), dim=(0, 2), correction=0)
                 out = conv.pooled(yi, torch.stack((mean, var)), dropout, members, lib)
             else:
-                out = _avg_pool(_dropout(F.relu(conv.bn(yi, members)), dropout), 4, ceil=True)
+                out = avg_pool(coin_dropout(F.relu(conv.bn(yi, members)), dropout), 4, ceil=True)
         (out * go).sum().backward()
         results.append([out.detach(), yi.grad, conv.bn.weight.grad, conv.bn.bias.grad, conv.bn.running_mean,
                         conv.bn.running_var])
@@ -284,11 +286,11 @@ def test_third_batchnorm_pool_equals_pytorch(length, dropout):
 
 @needs_cc
 def test_dense_blocks_function_equals_autograd():
-    """The dense blocks and bottleneck layer written out (``_DenseBlocks``) against the same
-    layers through autograd (``fc(_WidthGroup._blocks)``): the bottleneck's pre-activations, the
+    """The dense blocks and bottleneck layer written out (``DenseBlocks``) against the same
+    layers through autograd (``fc(WidthGroup._blocks)``): the bottleneck's pre-activations, the
     gradients of the inputs, of the bottleneck and of every block parameter, and the running
     statistics; members of depths 1-3 in one group (runs of one depth: 1, 2, 1)."""
-    from msda.stacked import _DenseBlocks, _WidthGroup
+    from msda.network.dense_stage import DenseBlocks, WidthGroup
 
     lib = native.conv_stage_library()
     g = torch.Generator().manual_seed(4)
@@ -297,7 +299,7 @@ def test_dense_blocks_function_equals_autograd():
     results = []
     for written_out in (True, False):
         torch.manual_seed(0)
-        group = _WidthGroup(32, [1, 2, 2, 3], [32, 16, 32, 32], 30, 32).train()
+        group = WidthGroup(32, [1, 2, 2, 3], [32, 16, 32, 32], 30, 32).train()
         with torch.no_grad():
             for p in group.parameters():
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3 + (p.dim() == 1))
@@ -306,7 +308,7 @@ def test_dense_blocks_function_equals_autograd():
         hi = h.clone().requires_grad_(True)
         params = [group.fc.weight, group.fc.bias] + group.block_parameters()
         if written_out:
-            out = _DenseBlocks.apply(hi, group, lib, *params)
+            out = DenseBlocks.apply(hi, group, lib, *params)
         else:
             out = group.fc(group._blocks(hi))
         if go is None:
@@ -330,7 +332,7 @@ def test_training_kernels_decline_other_architectures():
     """The C training kernels are written for filters (32, 16, 4), kernel 5 and pools (2, 2, 4);
     any other architecture must fall back to PyTorch rather than run them (kernel 7 ran silently
     wrong before)."""
-    from msda import native
+    from msda.network import native
 
     patches = torch.zeros(46 * 4, 3 * 5)
     assert native.train_supported(patches, 46, (32, 16, 4), 5, (2, 2, 4))

@@ -8,14 +8,18 @@ from typer.testing import CliRunner
 
 from msda.cli import app
 from msda.errors import WeightsError
-from msda.model import DenseSME, MemberSpec
+from msda.network.model import DenseSME, MemberSpec
 from msda.network.reference import ReferenceEngine, ReferenceParted
 from msda.network.spec import DEFAULT_ARCH, ArchSpec
-from msda.predict import FusedEnsemble, inference_engine, predict
+from msda.network.engines import inference_engine, training_engine
+from msda.network.fused import FusedEnsemble
+from msda.predict import predict
 from msda.schema import DEFAULT_SCHEMA, load_schema
-from msda.stacked import PartedEnsemble
-from msda.transfer import FitData, LossWeights, TrainSettings, fit, training_engine
+from msda.network.stacked import PartedEnsemble
+from msda.transfer import FitData, LossWeights, TrainSettings, fit
 from msda.weights import load_ensemble, save_ensemble
+
+from conftest import randomise_batchnorm
 
 SPECS = {
     "default": DEFAULT_ARCH,
@@ -59,7 +63,7 @@ def test_inference_engines_decline_or_match(tmp_path, name, shape):
     want_y = torch.stack([r[0] for r in ref], 1)
     want_f = torch.stack([r[1] for r in ref])
     engines = [ReferenceEngine(ens)]
-    if FusedEnsemble.covers(ens):
+    if FusedEnsemble.covers(ens.arch, "infer"):
         engines.append(FusedEnsemble(ens))
     else:
         assert not arch.is_default
@@ -73,24 +77,69 @@ def test_inference_engines_decline_or_match(tmp_path, name, shape):
     np.testing.assert_allclose(predict(ens, x.numpy()).members, want_y.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def _trainer_like(engine, ens):
+    """A fresh trainer of the same class and member split as ``engine``, holding ``ens``'s parameters."""
+    if isinstance(engine, PartedEnsemble):
+        return PartedEnsemble.from_ensemble(ens, len(engine.parts))
+    return ReferenceParted(ens)
+
+
+def _in_module_layout(trainer, tensors: dict) -> dict:
+    """Tensors named like ``trainer``'s parameters, as the ``DenseSME`` state dict they map onto."""
+    holder = _trainer_like(trainer, trainer.to_ensemble())
+    holder.load_state_dict({**holder.state_dict(), **tensors})
+    return holder.to_ensemble().state_dict()
+
+
+@pytest.mark.parametrize("shape", [(3, 46), (1, 70), (3, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name", list(SPECS))
-def test_training_engines_decline_or_match(name):
+def test_training_engines_decline_or_match(tmp_path, name, shape):
+    """The trainer the dispatcher picks matches the reference modules in a training-mode step
+    (dropout off on both): outputs, bottleneck features, every gradient and the running statistics."""
     arch = SPECS[name]
-    ens = DenseSME([MemberSpec(1, 8), MemberSpec(3, 8)], seed=0, arch=arch)
-    engine = training_engine(ens, 1, 0, torch.device("cpu"))
-    assert isinstance(engine, PartedEnsemble) == PartedEnsemble.covers(ens) == arch.is_default
+    schema = _schema(tmp_path, *shape)
+    if arch.pooled_length(schema.series_length) < 1:
+        return  # refused when built (test_inference_engines_decline_or_match)
+    with torch.random.fork_rng(devices=[]):
+        torch.set_default_dtype(torch.float64)
+        try:
+            ens = DenseSME([MemberSpec(1, 8), MemberSpec(3, 8), MemberSpec(2, 16)], schema=schema, seed=0, arch=arch)
+            randomise_batchnorm(ens, seed=1)
+            engine = training_engine(ens, 1, 0, torch.device("cpu"))
+        finally:
+            torch.set_default_dtype(torch.float32)
+    assert isinstance(engine, PartedEnsemble) == PartedEnsemble.covers(arch, "train") == arch.is_default
     if not arch.is_default:
         assert isinstance(engine, ReferenceParted)
-    # eval mode: the chosen trainer computes what the reference modules compute
-    reference = ReferenceParted(ens)
-    x = torch.rand(40, ens.schema.n_features, generator=torch.Generator().manual_seed(2))
-    engine.eval()
-    reference.eval()
-    with torch.no_grad():
-        y, f = engine(x)
-        y_ref, f_ref = reference(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(f, f_ref, rtol=1e-4, atol=1e-5)
+    for m in ens.modules():  # the reference: the same modules, dropout off
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for part in engine.parts:
+        if isinstance(part, torch.nn.Module) and hasattr(part, "dropout"):
+            part.dropout = False
+    for m in engine.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ens.train()
+    engine.train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(40, schema.n_features, dtype=torch.float64, generator=g)
+    y, f = engine(x)
+    outs = [m(x, return_features=True) for m in ens.members]
+    y_ref, f_ref = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(f, f_ref, rtol=1e-9, atol=1e-9)
+    wy, wf = torch.randn(y.shape, dtype=torch.float64, generator=g), torch.randn(f.shape, dtype=torch.float64, generator=g)
+    ((y * wy).sum() + (f * wf).sum()).backward()
+    ((y_ref * wy).sum() + (f_ref * wf).sum()).backward()
+    grads = _in_module_layout(engine, {k: p.grad for k, p in engine.named_parameters()})
+    stats = engine.to_ensemble().state_dict()
+    scale = max(p.grad.abs().max().item() for p in ens.parameters())
+    for key, ref in ens.named_parameters():
+        torch.testing.assert_close(grads[key], ref.grad, rtol=0, atol=1e-9 * scale, msg=key)
+    for key, ref in ens.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(stats[key].double(), ref, rtol=1e-6, atol=1e-6, msg=key)
 
 
 def test_msda_fit_of_a_new_architecture_runs_on_the_reference_engine():

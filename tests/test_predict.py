@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from msda.errors import MsdaError, TableError
-from msda.model import DenseSME, MemberSpec
+from msda.network.model import DenseSME, MemberSpec
 from msda.predict import FusedEnsemble, predict, predict_table
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema
 from msda.tables import write_samples

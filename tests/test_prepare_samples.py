@@ -98,7 +98,7 @@ def test_prepared_tables_go_into_adapt(tmp_path, capsys):
     """fine (in situ) and coarse (SMAP) tables from prepare samples, taken by msda adapt as they are."""
     from conftest import run_cli
 
-    from msda.model import DenseSME, MemberSpec
+    from msda.network.model import DenseSME, MemberSpec
     from msda.weights import save_ensemble
 
     sar, daily, static, stations, truth = _inputs(n_b=8)

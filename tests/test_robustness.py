@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from msda.errors import MsdaError
 from msda.experiment import ExperimentError, Inputs, Protocol, Task, rescore, run_experiment
 from msda.io import MARKER, atomic_path, output_kind
-from msda.model import DenseSME, MemberSpec
+from msda.network.model import DenseSME, MemberSpec
 from msda.simulate import SimConfig, simulate, write_benchmark
 from msda.tables import samples_from_frame, write_samples
 from msda.weights import save_authors, save_ensemble
@@ -442,7 +442,7 @@ PROTO = dict(ns=(1,), repeats=1, methods=("pretrained", "finetune"), epochs=1, a
 
 def _run(ws, out="run", protocol=None, **inputs):
     args = {"fine": str(ws / F), "coarse": str(ws / C), "weights": str(ws / "w"), **inputs}
-    return run_experiment(Inputs(**args), ws / out, protocol or Protocol(**PROTO), scheduler="inline",
+    return run_experiment(Inputs(**args), ws / out, protocol or Protocol.make(**PROTO), scheduler="inline",
                           device="cpu", progress=False, report=False)
 
 
@@ -469,13 +469,13 @@ def test_resume_refuses_changed_inputs_and_accepts_moved_ones(ws):
 
 
 def test_task_keys_keep_full_precision(ws):
-    p = Protocol(**{**PROTO, "methods": ("ms",), "alphas": (0.701, 0.704)})
+    p = Protocol.make(**{**PROTO, "methods": ("ms",), "alphas": (0.701, 0.704)})
     keys = [t.key for t in p.tasks()]
     assert len(set(keys)) == 2 and Task(1, 0, "ms", 0.7).key == "n001_r00_ms_a0.7"
     t = _run(ws, protocol=p)
     assert sorted(t["runs"]["alpha"]) == [0.701, 0.704]
     with pytest.raises(ExperimentError, match="alpha 0.7 is given twice"):
-        Protocol(**{**PROTO, "alphas": (0.7, 0.7)}).check()
+        Protocol.make(**{**PROTO, "alphas": (0.7, 0.7)}).check()
 
 
 def test_unreadable_task_files_are_redone(ws):
@@ -519,7 +519,7 @@ def test_special_names_in_figures_and_report(ws):
     frame["network"] = frame["network"].replace({"USCRN": "US$CRN, $\\n{x"})
     write_samples(samples_from_frame(frame, "fine"), ws / "odd.parquet")
     out = ws / "odd_run"
-    proto = Protocol(**{**PROTO, "ns": (2,)})
+    proto = Protocol.make(**{**PROTO, "ns": (2,)})
     run_experiment(Inputs(str(ws / "odd.parquet"), str(ws / C), str(ws / "w")), out, proto, scheduler="inline",
                    device="cpu", progress=False)
     assert (out / "report.html").stat().st_size > 10_000

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msda.errors import SchemaError
-from msda.model import DenseSM
+from msda.network.model import DenseSM
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema, load_schema, table1
 
 from conftest import random_raw_inputs

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from msda.model import DenseSME, MemberSpec
-from msda.stacked import StackedEnsemble, coin_mask
+from msda.network.model import DenseSME, MemberSpec
+from msda.network.ops import coin_mask
+from msda.network.stacked import StackedEnsemble
 
 from conftest import randomise_batchnorm
 
@@ -109,7 +110,7 @@ def test_coin_mask_is_fair():
 def test_tiled_first_convolution_matches_direct(monkeypatch, length, training):
     """Tiles of 2 samples (recomputed in backward) give the direct computation, dropout mask and
     replicate padding included."""
-    import msda.stacked as stacked
+    import msda.network.ops as stacked
 
     monkeypatch.setattr(stacked, "TILE_BYTES", 1)  # the smallest tile: 2 samples
     g = torch.Generator().manual_seed(3)
@@ -119,7 +120,7 @@ def test_tiled_first_convolution_matches_direct(monkeypatch, length, training):
     grad_out = torch.randn(batch, length // 2 + 4, c, dtype=torch.float64, generator=g)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
-        out = stacked._LinearReluDropoutPool2.apply(patches, w, length, training, 2)
+        out = stacked.LinearReluDropoutPool2.apply(patches, w, length, training, 2)
     (out * grad_out).sum().backward()
     got_grad, w.grad = w.grad, None
     with torch.random.fork_rng(devices=[]):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from msda.losses import coral, mmd
-from msda.model import DenseSME, MemberSpec
-from msda.stacked import PartedEnsemble, StackedEnsemble, split_members
+from msda.network.model import DenseSME, MemberSpec
+from msda.network.stacked import PartedEnsemble, StackedEnsemble, split_members
 from msda.transfer import (
     FitData,
     LossWeights,
@@ -198,8 +198,8 @@ def test_parts_in_threads_equal_parts_in_turn(monkeypatch):
 
 
 def test_split_members_balances_cost():
-    from msda.model import default_members
-    from msda.stacked import member_cost
+    from msda.network.model import default_members
+    from msda.network.stacked import member_cost
 
     specs = default_members()
     parts = split_members(specs, 2)
@@ -230,7 +230,7 @@ def test_parted_ensemble_matches_one_stack():
 
 
 def test_auto_parts_only_for_large_steps(monkeypatch):
-    from msda.model import default_members
+    from msda.network.model import default_members
     from msda.transfer import auto_parts
 
     cpu = torch.device("cpu")

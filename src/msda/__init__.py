@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from msda.errors import MsdaError, SchemaError, TableError, WeightsError  # noqa: E402
-from msda.model import DenseSM, DenseSME, MemberSpec, default_members  # noqa: E402
+from msda.network.model import DenseSM, DenseSME, MemberSpec, default_members  # noqa: E402
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema, load_schema, table1  # noqa: E402
 from msda.tables import Samples, read_samples, write_samples  # noqa: E402
 from msda.weights import load_ensemble, save_ensemble  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 
 from msda.io import atomic_path, check_output
 from msda.metrics import scores
-from msda.model import DenseSME, MemberSpec, default_members
+from msda.network.model import DenseSME, MemberSpec, default_members
 from msda.network.spec import DEFAULT_ARCH, ArchSpec
 from msda.predict import predict
 from msda.tables import TRUTH, Samples

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from msda.errors import MsdaError
+from msda.settings import LossWeights, TrainSettings
 
 app = typer.Typer(
     help="msda: 50 m soil moisture from Sentinel-1 with multi-scale domain adaptation of DenseSM-E.",
@@ -28,6 +29,7 @@ _state = {"debug": False}
 
 SchemaOpt = typer.Option(None, "--schema", help="Feature schema file (TOML/YAML/JSON); default: Table 1.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing --out that msda did not write (never an input).")
+_TRAIN, _LOSS = TrainSettings(), LossWeights()  # the defaults of every fit option
 ArchOpt = typer.Option(None, "--arch", help="Architecture file (TOML/YAML/JSON, keys of msda.network.ArchSpec); default: the paper's.")
 
 
@@ -229,7 +231,7 @@ def weights_init(
     force: bool = ForceOpt,
 ) -> None:
     """Write an untrained, seeded DenseSM-E (the starting point of training from scratch)."""
-    from msda.model import DenseSME
+    from msda.network.model import DenseSME
     from msda.provenance import provenance
     from msda.weights import save_ensemble
 
@@ -314,7 +316,7 @@ def simulate(
 
 
 def _members(widths: str, depths: str):
-    from msda.model import default_members
+    from msda.network.model import default_members
 
     try:
         ws, ds = [int(v) for v in widths.split(",")], [int(v) for v in depths.split(",")]
@@ -328,9 +330,9 @@ def pretrain(
     samples: Path = typer.Option(..., "--samples", "-s", help="Sample table, .csv or .parquet: 9 km (SMAP truth) or 50 m (in-situ truth)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output weights directory."),
     epochs: int = typer.Option(30, min=1, help="Epochs (passes over the samples)."),
-    lr: float = typer.Option(5e-4, help="Adam learning rate."),
-    batch: int = typer.Option(128, min=2, help="Samples per step."),
-    average_last: int = typer.Option(10, min=1, help="Average the weights of the last epochs."),
+    lr: float = typer.Option(_TRAIN.lr, help="Adam learning rate."),
+    batch: int = typer.Option(_TRAIN.batch, min=2, help="Samples per step."),
+    average_last: int = typer.Option(_TRAIN.average_last, min=1, help="Average the weights of the last epochs."),
     widths: str = typer.Option("8,16,32,64,128", help="Comma-separated member widths w."),
     depths: str = typer.Option("1,2,3,4,5", help="Comma-separated member depths d."),
     seed: int = typer.Option(0, help="Seed of the initialisation, batches and dropout."),
@@ -374,11 +376,11 @@ def adapt(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     alpha: Optional[float] = typer.Option(None, help="Weight of the 50 m term (ms, msda; default 0.7)."),
     beta: Optional[str] = typer.Option(None, help="Weight of the domain term: auto (Eq. 4) or a number (da, msda)."),
-    epochs: int = typer.Option(50, min=1, help="Epochs (passes over the labeled 50 m samples)."),
-    lr: float = typer.Option(5e-4, help="Adam learning rate."),
-    batch: int = typer.Option(128, min=2, help="Samples per step from each stream."),
-    average_last: int = typer.Option(10, min=1, help="Average the weights of the last epochs."),
-    domain_loss: str = typer.Option("coral", "--domain-loss", help="coral or mmd."),
+    epochs: int = typer.Option(_TRAIN.epochs, min=1, help="Epochs (passes over the labeled 50 m samples)."),
+    lr: float = typer.Option(_TRAIN.lr, help="Adam learning rate."),
+    batch: int = typer.Option(_TRAIN.batch, min=2, help="Samples per step from each stream."),
+    average_last: int = typer.Option(_TRAIN.average_last, min=1, help="Average the weights of the last epochs."),
+    domain_loss: str = typer.Option(_LOSS.domain_loss, "--domain-loss", help="coral or mmd."),
     monitor_every: int = typer.Option(0, "--monitor-every", min=0,
                                       help="Every N epochs, log the target RMSE to losses.csv (0: never)."),
     seed: int = typer.Option(0, help="Seed of the station draw, batches and dropout."),
@@ -443,7 +445,7 @@ def experiment(
     alphas: Optional[str] = typer.Option(None, "--alphas", help="Alpha values for ms/msda, e.g. 0.5,0.7,0.9."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs per fit (default 50)."),
     members: Optional[str] = typer.Option(None, "--members", help="Member names to use, e.g. m_1_8,m_2_16 (default all)."),
-    domain_loss: str = typer.Option("coral", "--domain-loss", help="coral or mmd."),
+    domain_loss: str = typer.Option(_LOSS.domain_loss, "--domain-loss", help="coral or mmd."),
     quick: bool = typer.Option(False, "--quick", help="Demo protocol: 5 members, 8 epochs, N 1,5,21, 3 repeats."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
                                             help="Dask scheduler address; default a local cluster; 'inline': no Dask."),
@@ -465,7 +467,7 @@ def experiment(
     }.items() if v is not None}
     if epochs is not None:
         changes["average_last"] = min(10, epochs)
-    protocol = Protocol.quick_run(**changes) if quick else Protocol(**changes)
+    protocol = Protocol.quick_run(**changes) if quick else Protocol.make(**changes)
     inputs = Inputs(str(fine), str(coarse), str(weights), str(schema) if schema else None)
     tables = run_experiment(inputs, out, protocol, scheduler=scheduler, workers=workers, device=device)
     med = tables["median"]

@@ -18,7 +18,7 @@ import torch
 
 from msda.adapt import pretrain
 from msda.experiment import QUICK_MEMBERS, Inputs, Protocol, run_experiment
-from msda.model import MemberSpec
+from msda.network.model import MemberSpec
 from msda.errors import MsdaError
 from msda.simulate import NETWORKS, SimConfig, simulate, write_benchmark
 from msda.transfer import TrainSettings

@@ -65,7 +65,7 @@ def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: s
     from msda.predict import predict
     from msda.runtime import tune_allocator
     from msda.runtime import resolve_device
-    from msda.transfer import LossWeights, TrainSettings, adapt_problem, fit
+    from msda.transfer import adapt_problem, fit
 
     path = Path(out) / "tasks" / f"{task.key}.parquet"
     if task_done(path):
@@ -83,9 +83,7 @@ def run_task(task: Task, protocol: Protocol, inputs: Inputs, out: str, device: s
     else:
         seed = protocol.station_seed(task.n, task.repeat)
         problem = adapt_problem(fine, coarse, protocol.network, task.n, seed=seed)
-        weights = LossWeights.for_method(task.method, task.alpha, None, protocol.domain_loss)
-        settings = TrainSettings(epochs=protocol.epochs, lr=protocol.lr, batch=protocol.batch,
-                                 average_last=protocol.average_last, seed=seed, device=str(dev))
+        weights, settings = protocol.task_settings(task, seed, str(dev))
         result = fit(ensemble, problem.fit_data(), weights, settings, progress=False, description=task.key)
         model = result.ensemble
         extra = {"train_stations": problem.train_stations, "beta": result.beta, "fit_seconds": round(result.seconds, 3),
@@ -202,7 +200,7 @@ def run_experiment(
     protocol.check(n_stations)
     with output_folder(out, "experiment", dataclasses.astuple(inputs)), run_lock(out):
         record = {
-            "protocol": dataclasses.asdict(protocol),
+            "protocol": protocol.to_dict(),
             "fit": protocol.fit_fields(),
             "inputs": dataclasses.asdict(inputs),
             "fingerprints": input_fingerprints(inputs),
@@ -237,7 +235,7 @@ def rescore(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], Path]:
     record = read_record(out)
     try:
         p = record["protocol"]
-        protocol = Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+        protocol = Protocol.from_dict(p)
         inputs = Inputs(**record["inputs"])
     except (KeyError, TypeError) as exc:
         raise ExperimentError(f"{out / 'protocol.json'}: malformed run record ({exc})") from None

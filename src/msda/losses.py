@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from msda.settings import DOMAIN_LOSS_NAMES
+
 
 def mse(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Mean squared error per member: pred (m, n), truth (n,) -> (m,)."""
@@ -54,3 +56,4 @@ def mmd(source: torch.Tensor, target: torch.Tensor, kernels: int = 5, multiplier
 
 
 DOMAIN_LOSSES = {"coral": coral, "mmd": mmd}
+assert tuple(DOMAIN_LOSSES) == DOMAIN_LOSS_NAMES

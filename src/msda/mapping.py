@@ -306,7 +306,7 @@ _PREDICT_LOCK = threading.Lock()  # one prediction at a time per process: torch 
 @functools.lru_cache(maxsize=2)
 def _engine(weights: str, device: str, compile: bool = False):
     """The fused ensemble of ``weights``, built once per process (each Dask worker has its own)."""
-    from msda.predict import inference_engine
+    from msda.network.engines import inference_engine
     from msda.runtime import resolve_device
     from msda.weights import load_ensemble
 
@@ -575,7 +575,7 @@ def _summary(stack: Stack, results: list[dict], seconds: float, meta: dict) -> d
     stages = {k[:-2]: round(float(frame[k].sum()), 3) for k in ("load_s", "read_s", "wait_s", "predict_s", "write_s")}
     return {"dates": dates, "pixels": pixels, "blocks": len(frame), "seconds": round(seconds, 3),
             "task_seconds": stages,
-            "conv_stage": sorted(set(frame["conv_stage"])),  # C (msda/native.py) or PyTorch, per worker
+            "conv_stage": sorted(set(frame["conv_stage"])),  # C (msda/network/native.py) or PyTorch, per worker
             "pixels_per_s": round(pixels / seconds, 1) if seconds > 0 else None,
             "shape": [len(stack.times), stack.height, stack.width],
             "row0_50m": stack.row0, "col0_50m": stack.col0, "provenance": meta}

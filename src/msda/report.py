@@ -320,7 +320,7 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], record: dict) -> Pa
     runs, median, tt = tables["runs"], tables["median"], tables["ttests"]
     from msda.runs import Protocol
 
-    keys = {t.key for t in Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in proto.items()}).tasks()}
+    keys = {t.key for t in Protocol.from_dict(proto).tasks()}
     n_tasks = sum(p.stem in keys for p in (out / "tasks").glob("*.parquet"))  # this protocol's, not older ones
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>msda experiment</title><style>",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from msda.errors import MsdaError
 from msda.io import file_fingerprint
-from msda.model import member_name
+from msda.network.model import member_name
+from msda.settings import LossWeights, TrainSettings
 
 METHODS = ("pretrained", "finetune", "ms", "da", "msda")
 PAPER_NS = (1, 5, 9, 13, 17, 21, 29, 37, 45)
@@ -32,29 +33,68 @@ class ExperimentError(MsdaError):
 
 
 # ----- protocol -----------------------------------------------------------------------------
+TRAIN_FIELDS = ("epochs", "batch", "lr", "average_last")  # the TrainSettings a protocol sets (seed and device per task)
+
+
 @dataclass(frozen=True)
 class Protocol:
-    """What to run: N x repeats x methods x alphas, and the fit settings of every task."""
+    """What to run: N x repeats x methods x alphas, and the settings every fit shares.
+
+    ``train``: epochs, batch, learning rate and weight averaging of every fit (each task's seed
+    and device are its own). ``loss``: the domain loss; alpha and beta come from each task's
+    method (``LossWeights.for_method``). ``Protocol.make`` takes those settings by name.
+    """
 
     network: str = "SCAN"
     ns: tuple[int, ...] = PAPER_NS
     repeats: int = 10
     methods: tuple[str, ...] = METHODS
     alphas: tuple[float, ...] = (0.7,)
-    epochs: int = 50
-    batch: int = 128
-    lr: float = 5e-4
-    average_last: int = 10
-    domain_loss: str = "coral"
+    train: TrainSettings = field(default_factory=TrainSettings)
+    loss: LossWeights = field(default_factory=LossWeights)
     members: tuple[str, ...] = ()  # empty: every member of the weights
     seed: int = 0
     quick: bool = False
 
     @classmethod
+    def make(cls, **settings) -> "Protocol":
+        """A protocol from flat settings: its own fields, ``epochs``, ``batch``, ``lr`` and
+        ``average_last`` (into ``train``) and ``domain_loss`` (into ``loss``)."""
+        train = {k: settings.pop(k) for k in TRAIN_FIELDS if k in settings}
+        loss = {"domain_loss": settings.pop("domain_loss")} if "domain_loss" in settings else {}
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ExperimentError(f"unknown protocol setting(s) {unknown}")
+        base = settings.pop("train", TrainSettings())
+        base_loss = settings.pop("loss", LossWeights())
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+        return cls(train=dataclasses.replace(base, **train), loss=dataclasses.replace(base_loss, **loss), **settings)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Protocol":
+        """The protocol a run record holds (``to_dict``; also the flat layout of older records)."""
+        d = dict(d)
+        train = d.pop("train", None) or {}
+        loss = d.pop("loss", None) or {}
+        train = {k: train[k] for k in TRAIN_FIELDS if k in train}
+        return cls.make(**d, **train, **({"domain_loss": loss["domain_loss"]} if "domain_loss" in loss else {}))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"] = {k: d["train"][k] for k in TRAIN_FIELDS}
+        d["loss"] = {"domain_loss": self.loss.domain_loss}
+        return d
+
+    @classmethod
     def quick_run(cls, **changes) -> "Protocol":
         """The demo's protocol: 5 members, 8 epochs, N in 1, 5, 21, 3 repeats (minutes on 2 cores)."""
         base = dict(ns=(1, 5, 21), repeats=3, epochs=8, average_last=3, members=QUICK_MEMBERS, quick=True)
-        return cls(**{**base, **changes})
+        return cls.make(**{**base, **changes})
+
+    def task_settings(self, task: "Task", seed: int, device: str) -> tuple[LossWeights, TrainSettings]:
+        """The loss weights and train settings of one task's fit."""
+        weights = LossWeights.for_method(task.method, task.alpha, None, self.loss.domain_loss)
+        return weights, dataclasses.replace(self.train, seed=seed, device=device)
 
     def check(self, n_stations: int | None = None) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -73,8 +113,8 @@ class Protocol:
             twice = sorted({v for v in values if list(values).count(v) > 1})
             if twice:
                 raise ExperimentError(f"{name} {twice[0]} is given twice")
-        if self.domain_loss not in ("coral", "mmd"):
-            raise ExperimentError(f"unknown domain loss {self.domain_loss!r}; choose coral or mmd")
+        if self.loss.domain_loss not in ("coral", "mmd"):
+            raise ExperimentError(f"unknown domain loss {self.loss.domain_loss!r}; choose coral or mmd")
         if n_stations is not None and max(self.ns) >= n_stations:
             raise ExperimentError(
                 f"network {self.network} has {n_stations} stations; N = {max(self.ns)} leaves no target station "
@@ -98,8 +138,9 @@ class Protocol:
 
     def fit_fields(self) -> dict:
         """The settings that change a task's result: a resumed run must not change them."""
-        d = dataclasses.asdict(self)
-        return {k: d[k] for k in ("network", "epochs", "batch", "lr", "average_last", "domain_loss", "members", "seed")}
+        train = dataclasses.asdict(self.train)
+        return {"network": self.network, **{k: train[k] for k in TRAIN_FIELDS}, "domain_loss": self.loss.domain_loss,
+                "members": self.members, "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -149,7 +190,7 @@ def select_members(ensemble, names: tuple[str, ...], source: str = "the weights"
     """A DenseSM-E of the named members (all when ``names`` is empty)."""
     import copy
 
-    from msda.model import DenseSME
+    from msda.network.model import DenseSME
 
     if not names:
         return ensemble

@@ -6,7 +6,7 @@ each: labeled 50 m (one pass = one epoch), 9 km and unlabeled 50 m target (drawn
 replacement, reshuffled only when exhausted). A stream that a method does not use is never drawn
 or computed: finetune uses the labeled stream only, MS adds 9 km, DA adds the target, MSDA all.
 
-All members train together (``msda.stacked``): each step draws one set of batches, computes
+All members train together (``msda.network.stacked``): each step draws one set of batches, computes
 every member's loss and takes one Adam step over the stacked parameters. Members stay
 independent: member k's loss depends only on member k's parameters, and Adam is elementwise,
 so this is the same as adapting each member alone on the same batches.
@@ -14,7 +14,6 @@ so this is the same as adapting each member alone on the same batches.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,100 +24,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from msda.errors import MsdaError
 from msda.losses import DOMAIN_LOSSES, mse
-from msda.model import DenseSME
-from msda.predict import inference_engine
+from msda.network.model import DenseSME
+from msda.network.engines import inference_engine, training_engine
 from msda.runtime import bar_interval, resolve_device, tune_allocator
 from msda.schema import FeatureSchema
-from msda.stacked import PartedEnsemble, StackedEnsemble, member_cost
+from msda.settings import DEFAULT_ALPHA, METHODS, LossWeights, TrainSettings, TransferError  # noqa: F401 (re-exported)
+from msda.network.stacked import PartedEnsemble, StackedEnsemble, member_cost
 from msda.tables import TRUTH, Samples
-
-METHODS = ("finetune", "ms", "da", "msda")
-DEFAULT_ALPHA = 0.7
-
-
-class TransferError(MsdaError):
-    """Bad settings or data for pretraining or adaptation."""
-
-
-@dataclass
-class TrainSettings:
-    """Optimisation settings shared by pretraining and adaptation."""
-
-    epochs: int = 50
-    lr: float = 5e-4
-    batch: int = 128
-    average_last: int = 10  # the final weights are the mean over the last epochs
-    seed: int = 0
-    device: str = "auto"
-    compile: bool = False
-    parts: int = 0  # members trained in this many parts side by side; 0: automatic (``auto_parts``)
-
-    def check(self) -> None:
-        if self.parts < 0:
-            raise TransferError(f"parts must be >= 0 (0: automatic), got {self.parts}")
-        if self.epochs < 1:
-            raise TransferError(f"epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise TransferError(f"learning rate must be > 0, got {self.lr}")
-        if self.batch < 2:
-            raise TransferError(f"batch must be >= 2 (batch norm and covariances), got {self.batch}")
-        if self.average_last < 1:
-            raise TransferError(f"average_last must be >= 1, got {self.average_last}")
-
-
-@dataclass
-class LossWeights:
-    """alpha, beta and the domain loss; ``beta='auto'`` is Eq. 4, resolved per member."""
-
-    alpha: float = 1.0
-    beta: float | str = 0.0
-    domain_loss: str = "coral"
-
-    @classmethod
-    def for_method(cls, method: str, alpha: float | None = None, beta: float | str | None = None, domain_loss: str = "coral") -> "LossWeights":
-        """The method table of METHOD.md: finetune (1, 0), MS (alpha, 0), DA (1, auto), MSDA (alpha, auto).
-
-        ``alpha`` may be set for MS and MSDA, ``beta`` for DA and MSDA; setting a value that the
-        method fixes is an error (use MSDA for any other combination).
-        """
-        method = method.lower()
-        if method not in METHODS:
-            raise TransferError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        uses_9km = method in ("ms", "msda")
-        uses_domain = method in ("da", "msda")
-        if alpha is not None and not uses_9km and alpha != 1:
-            raise TransferError(f"method {method} fixes alpha = 1 (no 9 km term); use ms or msda to set alpha")
-        if beta is not None and not uses_domain and beta not in (0, 0.0):
-            raise TransferError(f"method {method} fixes beta = 0 (no domain term); use da or msda to set beta")
-        weights = cls(
-            alpha=(DEFAULT_ALPHA if alpha is None else alpha) if uses_9km else 1.0,
-            beta=("auto" if beta is None else beta) if uses_domain else 0.0,
-            domain_loss=domain_loss,
-        )
-        weights.check()
-        return weights
-
-    def check(self) -> None:
-        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
-            raise TransferError(f"alpha must be in [0, 1], got {self.alpha}")
-        if isinstance(self.beta, str):
-            if self.beta != "auto":
-                raise TransferError(f"beta must be 'auto' or a number >= 0, got {self.beta!r}")
-        elif not (math.isfinite(self.beta) and self.beta >= 0):
-            raise TransferError(f"beta must be 'auto' or a number >= 0, got {self.beta}")
-        if self.domain_loss not in DOMAIN_LOSSES:
-            raise TransferError(f"unknown domain loss {self.domain_loss!r}; choose one of {', '.join(DOMAIN_LOSSES)}")
-
-    @property
-    def uses_9km(self) -> bool:
-        return self.alpha < 1
-
-    @property
-    def uses_target(self) -> bool:
-        return self.beta == "auto" or self.beta > 0
-
 
 class Stream:
     """Batches of indices drawn without replacement; a new permutation only when exhausted.
@@ -391,16 +304,6 @@ def fit(
         steps=steps,
         device=str(device),
     )
-
-
-def training_engine(ensemble: DenseSME, parts: int, seed: int, device: torch.device):
-    """The fastest trainer that covers the ensemble's architecture: the stacked members
-    (``PartedEnsemble``, default spec) or the reference modules in one part (any spec)."""
-    if PartedEnsemble.covers(ensemble):
-        return PartedEnsemble.from_ensemble(ensemble, parts, seed=seed, device=device)
-    from msda.network.reference import ReferenceParted
-
-    return ReferenceParted(ensemble, device)
 
 
 PARTS_MIN_WORK = 1.2e9  # multiply-adds per step above which two parts beat one (benchmarks/RESULTS.md)

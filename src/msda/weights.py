@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from msda.errors import WeightsError
 from msda.io import atomic_path
-from msda.model import MAX_MEMBERS, DenseSM, DenseSME, MemberSpec
+from msda.network.model import MAX_MEMBERS, DenseSM, DenseSME, MemberSpec
 from msda.network.spec import DEFAULT_ARCH, ArchSpec
 from msda.provenance import provenance
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema

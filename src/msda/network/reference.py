@@ -1,9 +1,7 @@
 """The reference engines: plain ``DenseSM`` modules behind the interfaces of the fast ones.
 
-They run every ``ArchSpec``; the fast engines (``msda.stacked`` for training,
-``msda.predict.FusedEnsemble`` and ``msda.native`` for inference) cover the default spec only,
-and the dispatchers (``msda.transfer.training_engine``, ``msda.predict.inference_engine``) fall
-back to these for any other.
+They cover every ``ArchSpec``; the fast engines (``stacked`` for training, ``fused`` for
+inference) cover the default spec only, and the dispatchers (``engines``) fall back to these.
 """
 
 from __future__ import annotations
@@ -13,7 +11,8 @@ import copy
 import torch
 from torch import nn
 
-from msda.model import DenseSME
+from msda.network.model import DenseSME
+from msda.network.spec import ArchSpec
 
 
 class ReferenceStack(nn.Module):
@@ -53,6 +52,10 @@ class ReferenceParted(nn.Module):
         if device is not None:
             self.to(device)
 
+    @staticmethod
+    def covers(arch: ArchSpec, mode: str) -> bool:
+        return mode == "train"
+
     def forward(self, x: torch.Tensor, internal_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return self.parts[0](x)
 
@@ -70,6 +73,10 @@ class ReferenceEngine:
         self.n_members = len(ensemble.members)
         self.members = [copy.deepcopy(m).eval().to(self.device) for m in ensemble.members]
         self.native = None
+
+    @staticmethod
+    def covers(arch: ArchSpec, mode: str) -> bool:
+        return mode == "infer"
 
     @torch.inference_mode()
     def member_outputs(self, x: torch.Tensor) -> torch.Tensor:
