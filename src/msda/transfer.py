@@ -15,6 +15,7 @@ so this is the same as adapting each member alone on the same batches.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from msda.network.engines import inference_engine, training_engine
 from msda.runtime import bar_interval, resolve_device, tune_allocator
 from msda.schema import FeatureSchema
 from msda.settings import DEFAULT_ALPHA, METHODS, LossWeights, TrainSettings, TransferError  # noqa: F401 (re-exported)
-from msda.network.stacked import PartedEnsemble, StackedEnsemble, member_cost
+from msda.network.stacked import PartedEnsemble, member_cost
 from msda.tables import TRUTH, Samples
 
 class Stream:
@@ -155,6 +156,114 @@ def eq4_beta(ensemble: DenseSME, data: FitData, alpha: float, domain_loss: str, 
     return torch.where(dom > 0, alpha * fine / dom.clamp_min(torch.finfo(fine.dtype).tiny), torch.zeros_like(fine))
 
 
+class Step(NamedTuple):
+    """The rows of one training step: labeled, then target, then 9 km, and the truths."""
+
+    x: torch.Tensor
+    y_fine: torch.Tensor
+    n_labeled: int
+    n_target: int
+    y_coarse: torch.Tensor | None
+
+
+class StepLosses(NamedTuple):
+    """One step's losses per member, shape (members,): the joint loss and its terms (None when unused)."""
+
+    total: torch.Tensor
+    fine: torch.Tensor
+    coarse: torch.Tensor | None
+    domain: torch.Tensor | None
+
+
+class FitStreams:
+    """A fit's samples on the device and the three streams that draw from them: the labeled
+    samples in epoch permutations; target and 9 km samples without replacement, as needed."""
+
+    def __init__(self, data: FitData, weights: LossWeights, use_domain: bool, seed: int, device: torch.device):
+        rng_lab, rng_9km, rng_tgt = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+        self.rng_lab, self.device = rng_lab, device
+        self.x_lab, self.y_lab = data.x_labeled.to(device), data.y_labeled.to(device)
+        self.n_labeled = self.x_lab.shape[0]
+        self.x_c = data.x_coarse.to(device) if weights.uses_9km else None
+        self.y_c = data.y_coarse.to(device) if weights.uses_9km else None
+        self.x_t = data.x_target.to(device) if use_domain else None
+        self.coarse = Stream(self.x_c.shape[0], rng_9km, device) if self.x_c is not None else None
+        self.target = Stream(self.x_t.shape[0], rng_tgt, device) if self.x_t is not None else None
+
+    def batches(self, batch: int) -> int:
+        """Steps per epoch."""
+        return len(epoch_batches(self.n_labeled, batch, np.random.default_rng(0), torch.device("cpu")))
+
+    def epoch(self, batch: int) -> list[tuple]:
+        """The epoch's batches of indices (labeled, target, 9 km), drawn here in one order whatever the parts."""
+        return [(idx, self.target.take(batch) if self.target is not None else None,
+                 self.coarse.take(batch) if self.coarse is not None else None)
+                for idx in epoch_batches(self.n_labeled, batch, self.rng_lab, self.device)]
+
+    def make(self, idx: torch.Tensor, it: torch.Tensor | None, ic: torch.Tensor | None) -> Step:
+        rows, yc = [self.x_lab[idx]], None
+        if it is not None:
+            rows.append(self.x_t[it])
+        if ic is not None:
+            rows.append(self.x_c[ic])
+            yc = self.y_c[ic]
+        x = torch.cat(rows) if len(rows) > 1 else rows[0]
+        return Step(x, self.y_lab[idx], idx.shape[0], 0 if it is None else it.shape[0], yc)
+
+
+def joint_loss(alpha: float, domain_loss: str):
+    """Eq. 1 per member, as a function of (part, its members' betas, step) -> ``StepLosses``:
+    alpha * MSE(50 m) + (1 - alpha) * MSE(9 km) + beta * D(labeled features, target features)."""
+    domain = DOMAIN_LOSSES[domain_loss]
+
+    def losses(part, beta_part: torch.Tensor, step: Step) -> StepLosses:
+        y, f = part(step.x, internal_order=True)
+        n_l, n_t = step.n_labeled, step.n_target
+        fine = mse(y[:, :n_l], step.y_fine)
+        total = alpha * fine
+        coarse = dom = None
+        if step.y_coarse is not None:
+            coarse = mse(y[:, n_l + n_t :], step.y_coarse)
+            total = total + (1 - alpha) * coarse
+        if n_t:
+            dom = domain(f[:, :n_l], f[:, n_l : n_l + n_t])
+            total = total + beta_part * dom
+        return StepLosses(total, fine, coarse, dom)
+
+    return losses
+
+
+def _check_fit(data: FitData, weights: LossWeights, settings: TrainSettings) -> None:
+    settings.check()
+    weights.check()
+    n_lab = data.x_labeled.shape[0]
+    if n_lab < 2:
+        raise TransferError(f"need at least 2 labeled samples, got {n_lab}")
+    if weights.uses_9km and (data.x_coarse is None or data.x_coarse.shape[0] < 2):
+        raise TransferError(f"alpha = {weights.alpha} < 1 needs 9 km samples, but there are none")
+    if weights.uses_target and (data.x_target is None or data.x_target.shape[0] < 2):
+        raise TransferError("the domain loss needs unlabeled target samples, but there are none")
+
+
+def _member_betas(ensemble: DenseSME, data: FitData, weights: LossWeights, settings: TrainSettings,
+                  device: torch.device) -> torch.Tensor:
+    """beta per member: Eq. 4 for ``beta = 'auto'``, else the number given."""
+    if weights.beta == "auto":
+        return eq4_beta(ensemble, FitData(data.x_labeled.to(device), data.y_labeled.to(device),
+                                          x_target=data.x_target.to(device)),
+                        weights.alpha, weights.domain_loss, settings.batch, settings.seed)
+    return torch.full((len(ensemble.specs),), float(weights.beta), device=device)
+
+
+def _history_rows(names: list[str], order: list[int], epoch: int, means: np.ndarray, seconds: float,
+                  streams: FitStreams) -> list[dict]:
+    """One epoch's loss rows, a row per member: means (4, members) in the trainer's ``order``."""
+    return [{"member": names[i], "epoch": epoch + 1, "joint": means[0, j], "fine_50m": means[1, j],
+             "coarse_9km": means[2, j] if streams.coarse is not None else np.nan,
+             "domain": means[3, j] if streams.target is not None else np.nan, "seconds": seconds}
+            for j, i in enumerate(order)]
+
+
 def fit(
     ensemble: DenseSME,
     data: FitData,
@@ -172,138 +281,70 @@ def fit(
     the last ``settings.average_last`` epochs. ``monitor`` = (x, y): every ``monitor_every``
     epochs, the RMSE of the current ensemble mean on these samples is added to the epoch's
     loss rows (``monitor_rmse``); off by default, as it costs a forward pass over them.
+    Stages: the streams (``FitStreams``), the trainer (``training_engine``), the epoch loop
+    (``_run_epochs``), the averaged weights.
     """
-    settings.check()
-    weights.check()
+    _check_fit(data, weights, settings)
     device = resolve_device(settings.device)
     if device.type == "cpu":
         tune_allocator()
-    n_lab = data.x_labeled.shape[0]
-    if n_lab < 2:
-        raise TransferError(f"need at least 2 labeled samples, got {n_lab}")
-    if weights.uses_9km and (data.x_coarse is None or data.x_coarse.shape[0] < 2):
-        raise TransferError(f"alpha = {weights.alpha} < 1 needs 9 km samples, but there are none")
-    if weights.uses_target and (data.x_target is None or data.x_target.shape[0] < 2):
-        raise TransferError("the domain loss needs unlabeled target samples, but there are none")
-
     started = time.perf_counter()
-    seeds = np.random.SeedSequence(settings.seed).spawn(3)
-    rng_lab, rng_9km, rng_tgt = (np.random.default_rng(s) for s in seeds)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)
         rows = settings.batch * (1 + weights.uses_9km + weights.uses_target)
-        n_parts = settings.parts or auto_parts(ensemble.specs, rows, device)
-        stacked = training_engine(ensemble, n_parts, settings.seed, device)
-        n_parts = len(stacked.parts)
-        x_lab, y_lab = data.x_labeled.to(device), data.y_labeled.to(device)
-        m = len(ensemble.specs)
-        if weights.beta == "auto":
-            beta = eq4_beta(ensemble, FitData(x_lab, y_lab, x_target=data.x_target.to(device)), weights.alpha,
-                            weights.domain_loss, settings.batch, settings.seed)
-        else:
-            beta = torch.full((m,), float(weights.beta), device=device)
-        order = torch.tensor(stacked.order, device=device)
-        beta_internal = beta[order]  # training runs in the stacked (width-grouped) member order
-        use_dom = weights.uses_target and bool((beta > 0).any())
-        x_c = data.x_coarse.to(device) if weights.uses_9km else None
-        y_c = data.y_coarse.to(device) if weights.uses_9km else None
-        x_t = data.x_target.to(device) if use_dom else None
-        s_9km = Stream(x_c.shape[0], rng_9km, device) if x_c is not None else None
-        s_tgt = Stream(x_t.shape[0], rng_tgt, device) if x_t is not None else None
-        domain = DOMAIN_LOSSES[weights.domain_loss]
-        alpha = float(weights.alpha)
-
-        def make_batch(idx: torch.Tensor, it: torch.Tensor | None, ic: torch.Tensor | None):
-            """The rows of one step (labeled, then target, then 9 km) and their truths."""
-            rows, yc = [x_lab[idx]], None
-            if it is not None:
-                rows.append(x_t[it])
-            if ic is not None:
-                rows.append(x_c[ic])
-                yc = y_c[ic]
-            xb = torch.cat(rows) if len(rows) > 1 else rows[0]
-            return xb, y_lab[idx], idx.shape[0], 0 if it is None else it.shape[0], yc
-
-        def losses(part: StackedEnsemble, beta_part: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, n_l: int,
-                   n_t: int, yc: torch.Tensor | None):
-            y, f = part(xb, internal_order=True)
-            fine = mse(y[:, :n_l], yb)
-            total = alpha * fine
-            coarse = dom = None
-            if yc is not None:
-                coarse = mse(y[:, n_l + n_t :], yc)
-                total = total + (1 - alpha) * coarse
-            if n_t:
-                dom = domain(f[:, :n_l], f[:, n_l : n_l + n_t])
-                total = total + beta_part * dom
-            return total, fine, coarse, dom
-
-        trainer = _PartsTrainer(stacked, beta_internal, losses, settings, device)
+        trainer_net = training_engine(ensemble, settings.parts or auto_parts(ensemble.specs, rows, device),
+                                      settings.seed, device)
+        beta = _member_betas(ensemble, data, weights, settings, device)
+        streams = FitStreams(data, weights, weights.uses_target and bool((beta > 0).any()), settings.seed, device)
+        # training runs in the stacked (width-grouped) member order
+        trainer = _PartsTrainer(trainer_net, beta[torch.tensor(trainer_net.order, device=device)],
+                                joint_loss(float(weights.alpha), weights.domain_loss), settings, device)
         averager = WeightAverage()
-        first_avg = max(settings.epochs - settings.average_last, 0)
-        history = []
-        steps = 0
-        n_batches = len(epoch_batches(n_lab, settings.batch, np.random.default_rng(0), torch.device("cpu")))
-        bar = tqdm(
-            total=settings.epochs * n_batches,
-            desc=f"{description}: {m} members",
-            unit=" steps",
-            disable=not progress,
-            mininterval=bar_interval(),
-        )
-        stacked.train()
-        try:
-            for epoch in range(settings.epochs):
-                t0 = time.perf_counter()
-                # the epoch's batches (indices) drawn here, in the same order whatever the parts
-                batches = [(idx, s_tgt.take(settings.batch) if s_tgt is not None else None,
-                            s_9km.take(settings.batch) if s_9km is not None else None)
-                           for idx in epoch_batches(n_lab, settings.batch, rng_lab, device)]
-                sums = trainer.epoch(batches, make_batch, bar.update)
-                seen = n_lab
-                steps += len(batches)
-                means = (sums / seen).cpu().numpy()
-                secs = time.perf_counter() - t0
-                for j, i in enumerate(stacked.order):
-                    name = ensemble.names[i]
-                    history.append(
-                        {
-                            "member": name,
-                            "epoch": epoch + 1,
-                            "joint": means[0, j],
-                            "fine_50m": means[1, j],
-                            "coarse_9km": means[2, j] if s_9km is not None else np.nan,
-                            "domain": means[3, j] if s_tgt is not None else np.nan,
-                            "seconds": secs,
-                        }
-                    )
-                bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{means[0].mean():.4g}", refresh=False)
-                if epoch >= first_avg:
-                    averager.update(stacked.state_dict())
-                if monitor is not None and monitor_every > 0 and (epoch + 1) % monitor_every == 0:
-                    rmse = _ensemble_rmse(stacked, monitor[0].to(device), monitor[1].to(device))
-                    for row in history[-m:]:
-                        row["monitor_rmse"] = rmse
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, stacked)
-        finally:
-            bar.close()
-            trainer.close()
-        order = {name: i for i, name in enumerate(ensemble.names)}
-        history.sort(key=lambda r: (r["epoch"], order[r["member"]]))
-        stacked.load_state_dict(averager.result())
-        result = stacked.to_ensemble()
+        history, steps = _run_epochs(ensemble, trainer, streams, averager, settings, progress, description,
+                                     on_epoch_end, monitor, monitor_every)
+        trainer_net.load_state_dict(averager.result())
+        result = trainer_net.to_ensemble()
     if getattr(ensemble, "provenance", None) is not None:
         result.provenance = dict(ensemble.provenance)  # type: ignore[attr-defined]
-    return FitResult(
-        ensemble=result,
-        parts=n_parts,
-        losses=history,
-        beta=[float(b) for b in beta.cpu()],
-        seconds=time.perf_counter() - started,
-        steps=steps,
-        device=str(device),
-    )
+    return FitResult(ensemble=result, parts=len(trainer_net.parts), losses=history, beta=[float(b) for b in beta.cpu()],
+                     seconds=time.perf_counter() - started, steps=steps, device=str(device))
+
+
+def _run_epochs(ensemble: DenseSME, trainer: "_PartsTrainer", streams: FitStreams, averager: "WeightAverage",
+                settings: TrainSettings, progress: bool, description: str, on_epoch_end, monitor,
+                monitor_every: int) -> tuple[list[dict], int]:
+    """The epoch loop: steps, loss history (rows per member and epoch, members in the ensemble's
+    order), weight averaging over the last epochs, monitoring. Returns (history, steps)."""
+    net, m = trainer.parted, len(ensemble.specs)
+    first_avg = max(settings.epochs - settings.average_last, 0)
+    history: list[dict] = []
+    steps = 0
+    bar = tqdm(total=settings.epochs * streams.batches(settings.batch), desc=f"{description}: {m} members",
+               unit=" steps", disable=not progress, mininterval=bar_interval())
+    net.train()
+    try:
+        for epoch in range(settings.epochs):
+            t0 = time.perf_counter()
+            batches = streams.epoch(settings.batch)
+            sums = trainer.epoch(batches, streams.make, bar.update)
+            steps += len(batches)
+            means = (sums / streams.n_labeled).cpu().numpy()
+            history += _history_rows(ensemble.names, net.order, epoch, means, time.perf_counter() - t0, streams)
+            bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{means[0].mean():.4g}", refresh=False)
+            if epoch >= first_avg:
+                averager.update(net.state_dict())
+            if monitor is not None and monitor_every > 0 and (epoch + 1) % monitor_every == 0:
+                rmse = _ensemble_rmse(net, monitor[0].to(streams.device), monitor[1].to(streams.device))
+                for row in history[-m:]:
+                    row["monitor_rmse"] = rmse
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, net)
+    finally:
+        bar.close()
+        trainer.close()
+    order = {name: i for i, name in enumerate(ensemble.names)}
+    history.sort(key=lambda r: (r["epoch"], order[r["member"]]))
+    return history, steps
 
 
 PARTS_MIN_WORK = 1.2e9  # multiply-adds per step above which two parts beat one (benchmarks/RESULTS.md)
@@ -347,12 +388,12 @@ class _PartsTrainer:
             self.pool = ThreadPoolExecutor(n, thread_name_prefix="msda-part", initializer=torch.set_num_threads,
                                            initargs=(threads // n,))
 
-    def _step(self, k: int, xb, yb, n_l: int, n_t: int, yc):
+    def _step(self, k: int, step: Step) -> StepLosses:
         self.grads[k].zero_()
-        total, fine, coarse, dom = self.losses(self.parted.parts[k], self.betas[k], xb, yb, n_l, n_t, yc)
-        total.sum().backward()
+        losses = self.losses(self.parted.parts[k], self.betas[k], step)
+        losses.total.sum().backward()
         self.opts[k].step()
-        return tuple(None if t is None else t.detach() for t in (total, fine, coarse, dom))
+        return StepLosses(*(None if t is None else t.detach() for t in losses))
 
     def _epoch(self, k: int, batches, make, on_step) -> torch.Tensor:
         """Part k through all the epoch's batches: its members' sums of (total, 50 m, 9 km, domain)
@@ -361,21 +402,20 @@ class _PartsTrainer:
         for b in batches:
             if self._stop:
                 break
-            xb, yb, n_l, n_t, yc = make(*b)
-            losses = self._step(k, xb, yb, n_l, n_t, yc)
+            step = make(*b)
+            losses = self._step(k, step)
             with torch.no_grad():
                 if sums is None:
-                    sums = torch.zeros(4, losses[0].shape[0], device=losses[0].device, dtype=torch.float64)
+                    sums = torch.zeros(4, losses.total.shape[0], device=losses.total.device, dtype=torch.float64)
                 for row, value in enumerate(losses):
                     if value is not None:
-                        sums[row] += value * n_l
+                        sums[row] += value * step.n_labeled
             if k == 0:
                 on_step(1)
         return sums
 
     def epoch(self, batches, make, on_step) -> torch.Tensor:
-        """One epoch of every part: ``make(*batch)`` gives a step's (rows, truths, n labeled, n
-        target, 9 km truths); ``on_step(1)`` after each step of part 0. Returns the members'
+        """One epoch of every part: ``make(*batch)`` gives a step's rows (``Step``); ``on_step(1)`` after each step of part 0. Returns the members'
         (4, members) loss sums in ``parted.order``.
 
         The parts do not wait for each other between steps (each has its own batches' copies and

@@ -26,24 +26,45 @@ from msda.tables import Samples, samples_from_frame
 STEPS, STEP_DAYS = 46, 8
 HISTORY_DAYS = STEPS * STEP_DAYS  # 368 days of 8-day series before each acquisition
 SPINUP_DAYS = 120
-INNER = 12  # 50 m cells sampled inside each 9 km cell: its inputs are their area means
-FOOTPRINT = 12  # 50 m cells sampled from each 9 km cell's SMAP footprint
-SMAP_FOOTPRINT_KM = 35.0  # full width at half maximum of the enhanced product's footprint
-SENSING_DEPTH_MM = 25.0  # the top layer L- and C-band see, against the 5 cm of the probes
-SMAP_DRY_BIAS = (0.005, 0.006)  # m3/m3: a + b VWC (kg/m2), subtracted
-SMAP_NOISE = (0.02, 0.008)  # m3/m3: SD a + b VWC
-LOOKS_50M = 4.4 * 2500 / (20 * 22)  # ENL 4.4 per GRD resolution cell of ~20 x 22 m: 25 at 50 m
-CLUTTER_DB = 1.0  # static per-pixel backscatter of what no model holds (fences, trees, tracks)
-REPRESENTATIVENESS = (0.95, 0.02)  # the probe's point against its 50 m cell: AR(1) lag-1, SD
-CALIBRATION = {"gain_per_clay": 0.01, "gain_sd": 0.2, "offset_sd": 0.04}  # per probe (Seyfried et al. 2005; Vaz et al. 2013)
-SENSOR_NOISE = 0.005
-STATION_ON_GRASS = 0.65  # the rest on cropland
-SOILGRIDS_ERROR = {"sand": (6.0, 10.0), "clay": (4.0, 7.0), "bulk_density": (0.0, 8.0)}  # SD per cell, per pixel
-TWI_MEAN = 8.0
-# m3/m3 per % organic matter (the order of Rawls et al. 2003, Geoderma 116:61, for surface soils)
-ORGANIC_RETENTION = {"porosity": 0.01, "field_capacity": 0.01, "wilting_point": 0.004}
-RUNON_PER_TWI = 0.15  # rain gained (lost) per unit of wetness index above (below) the mean
-TEXTURE_50M_SD = {"sand": 12.0, "clay": 7.0}  # % between 50 m cells of one 9 km cell
+
+
+@dataclass(frozen=True)
+class Constants:
+    """The generator's fixed parameters (each one's source: docs/simulate.md)."""
+
+    inner: int = 12  # 50 m cells sampled inside each 9 km cell: its inputs are their area means
+    footprint: int = 12  # 50 m cells sampled from each 9 km cell's SMAP footprint
+    smap_footprint_km: float = 35.0  # full width at half maximum of the enhanced product's footprint
+    sensing_depth_mm: float = 25.0  # the top layer L- and C-band see, against the 5 cm of the probes
+    smap_dry_bias: tuple[float, float] = (0.005, 0.006)  # m3/m3: a + b VWC (kg/m2), subtracted
+    smap_noise: tuple[float, float] = (0.02, 0.008)  # m3/m3: SD a + b VWC
+    looks_50m: float = 4.4 * 2500 / (20 * 22)  # ENL 4.4 per GRD resolution cell of ~20 x 22 m: 25 at 50 m
+    clutter_db: float = 1.0  # static per-pixel backscatter of what no model holds (fences, trees, tracks)
+    representativeness: tuple[float, float] = (0.95, 0.02)  # the probe's point against its 50 m cell: AR(1) lag-1, SD
+    # per probe (Seyfried et al. 2005; Vaz et al. 2013)
+    calibration: dict[str, float] = field(default_factory=lambda: {"gain_per_clay": 0.01, "gain_sd": 0.2, "offset_sd": 0.04})
+    sensor_noise: float = 0.005
+    station_on_grass: float = 0.65  # the rest on cropland
+    # SD per cell, per pixel
+    soilgrids_error: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {"sand": (6.0, 10.0), "clay": (4.0, 7.0), "bulk_density": (0.0, 8.0)})
+    twi_mean: float = 8.0
+    # m3/m3 per % organic matter (the order of Rawls et al. 2003, Geoderma 116:61, for surface soils)
+    organic_retention: dict[str, float] = field(
+        default_factory=lambda: {"porosity": 0.01, "field_capacity": 0.01, "wilting_point": 0.004})
+    runon_per_twi: float = 0.15  # rain gained (lost) per unit of wetness index above (below) the mean
+    texture_50m_sd: dict[str, float] = field(default_factory=lambda: {"sand": 12.0, "clay": 7.0})  # % inside a 9 km cell
+    # correlation length km, log SD of the rain multiplier below 9 km
+    rain_field: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {"convective": (15.0, 0.8), "frontal": (100.0, 0.4)})
+    convective_months: tuple[int, ...] = (5, 6, 7, 8, 9)
+    crop_season_days: float = 130
+    root_uptake: float = 0.3
+    layer_mm: float = 100.0  # the modelled surface layer, 0-10 cm as in LSMs such as Noah: probes at 5 cm follow it
+    thin_restore: float = 0.3  # the top 2.5 cm relaxes towards the surface layer, per day
+
+
+C = Constants()
 
 
 @dataclass(frozen=True)
@@ -316,15 +337,13 @@ def irrigated_share(annual_mm: np.ndarray) -> np.ndarray:
 # Rain below the 9 km scale: a log-normal multiplier on the weather cell's rain, a Gaussian field
 # with exponential correlation (length and strength by season: convective May-September,
 # frontal otherwise)
-RAIN_FIELD = {"convective": (15.0, 0.8), "frontal": (100.0, 0.4)}  # correlation length km, log SD
-CONVECTIVE_MONTHS = (5, 6, 7, 8, 9)
 
 
 def _rain_multipliers(groups: list[np.ndarray], pos_km: np.ndarray, days: pd.DatetimeIndex, n_sub: int,
                       rng: np.random.Generator) -> np.ndarray:
     """(days, n_sub) float32 multipliers exp(s z - s^2/2), z correlated inside each group of 50 m
     cells (those of one 9 km cell and its SMAP footprint) as exp(-distance / length)."""
-    convective = np.isin(days.month.to_numpy(), CONVECTIVE_MONTHS)
+    convective = np.isin(days.month.to_numpy(), C.convective_months)
     out = np.empty((len(days), n_sub), dtype=np.float32)
     for members in groups:
         xy = pos_km[members]
@@ -332,7 +351,7 @@ def _rain_multipliers(groups: list[np.ndarray], pos_km: np.ndarray, days: pd.Dat
         white = rng.standard_normal((len(members), len(days)))
         z = np.empty((len(days), len(members)))
         for season, rows in (("convective", convective), ("frontal", ~convective)):
-            length, s = RAIN_FIELD[season]
+            length, s = C.rain_field[season]
             chol = np.linalg.cholesky(np.exp(-dist / length) + 1e-9 * np.eye(len(members)))
             z[rows] = s * (chol @ white[:, rows]).T - s * s / 2
         out[:, members] = np.exp(z)
@@ -365,10 +384,6 @@ class SurfaceParams:
 
 
 IRRIGATION_MM, IRRIGATION_EVERY, IRRIGATION_SEASON = 25.0, 7, (120, 260)
-CROP_SEASON_DAYS = 130
-ROOT_UPTAKE = 0.3
-LAYER_MM = 100.0  # the modelled surface layer, 0-10 cm as in LSMs such as Noah: probes at 5 cm follow it
-THIN_RESTORE = 0.3  # the top 2.5 cm relaxes towards the surface layer, per day
 
 
 def water_and_greenness(
@@ -410,10 +425,10 @@ def water_and_greenness(
         t = t_air[d, cell_of]
         # vegetation shades the soil: evaporation falls with the cover (FAO-56 eq. 76: the
         # exposed fraction), cover from scaled NDVI squared (Carlson & Ripley 1997); under full
-        # cover ROOT_UPTAKE of PET still leaves the layer through roots
+        # cover C.root_uptake of PET still leaves the layer through roots
         ndvi_now = p.ndvi_min + (p.ndvi_max - p.ndvi_min) * green
         cover = np.clip((ndvi_now - 0.1) / 0.7, 0, 1) ** 2
-        evap = p.evap_factor * (1 - (1 - ROOT_UPTAKE) * cover)
+        evap = p.evap_factor * (1 - (1 - C.root_uptake) * cover)
         pet = physics.hamon_pet(t, physics.day_length_hours(lat, doy[d]))
         rain = precip[d, cell_of] * p.precip_scale
         if rain_mult is not None:
@@ -423,15 +438,15 @@ def water_and_greenness(
             need = irrigated & season & (avail < 0.4) & (since >= IRRIGATION_EVERY)
             rain = rain + IRRIGATION_MM * need
             since = np.where(need, 0, since + 1)
-        theta = physics.bucket_step(theta, rain, pet, hyd, LAYER_MM, p.drainage_rate, evap)
+        theta = physics.bucket_step(theta, rain, pet, hyd, C.layer_mm, p.drainage_rate, evap)
         if thin is not None:
             thin = physics.bucket_step(thin, rain, pet, hyd, thin_depth_mm, p.drainage_rate, evap)
-            thin = thin + THIN_RESTORE * (theta - thin)
+            thin = thin + C.thin_restore * (theta - thin)
         rel = np.clip((theta - hyd["wilting_point"]) / (hyd["field_capacity"] - hyd["wilting_point"]), 0, 1)
         avail += (rel - avail) / 30.0
         f_t = 1.0 / (1.0 + np.exp(-(t - 10.0) / 3.0))
         water = np.sqrt(avail)
-        x = (doy[d] - p.planting_doy) / CROP_SEASON_DAYS
+        x = (doy[d] - p.planting_doy) / C.crop_season_days
         calendar = np.where((x > 0) & (x < 1), np.sin(np.pi * np.clip(x, 0, 1)), 0.0)
         target = np.select([phen == TEMPERATURE, phen == TEMPERATURE_WATER, phen == CROP],
                            [f_t, f_t * water, calendar * np.where(irrigated, 1.0, water)], 0.0)
@@ -466,253 +481,341 @@ def _split_total(total: int, n: int, caps: np.ndarray, rng: np.random.Generator,
 
 
 def simulate(cfg: SimConfig | None = None) -> Benchmark:
-    """Generate the fine, coarse and pretraining tables (deterministic for ``cfg.seed``)."""
+    """Generate the fine, coarse and pretraining tables (deterministic for ``cfg.seed``).
+
+    The stages, in order (every random draw comes from one generator, in this order): places
+    and weather, the 50 m cells and their rain, land cover, soil and terrain, the daily water
+    balance and NDVI, the Sentinel-1 and SMAP calendars, SMAP retrievals, the station (fine)
+    table, the 9 km tables, and the record of what only the generator sees.
+    """
     cfg = cfg or SimConfig()
     cfg.check()
-    rng = np.random.default_rng(cfg.seed)
-    start, end = pd.Timestamp(cfg.start), pd.Timestamp(cfg.end)
-    days = pd.date_range(start - pd.Timedelta(days=HISTORY_DAYS + SPINUP_DAYS), end, freq="D")
-    first = HISTORY_DAYS + SPINUP_DAYS
+    g = _Generator(cfg)
+    g.places_and_weather()
+    g.subcells_and_rain()
+    g.land_cover()
+    g.soil_and_terrain()
+    g.water_and_ndvi()
+    g.calendars()
+    g.smap_retrievals()
+    g.sar_surfaces()
+    fine = g.fine_table()
+    coarse, pretrain = g.coarse_tables()
+    return g.benchmark(fine, coarse, pretrain)
 
-    stations = _place_stations(cfg, rng)
-    pre = _pretrain_cells(cfg, rng)
-    # 9 km cells: station cells first, then pretraining cells; the pretraining table covers both
-    st_cells = stations[["r", "c"]].drop_duplicates().reset_index(drop=True)
-    cells = pd.concat([st_cells.assign(kind="station"), pre[["r", "c"]].assign(kind="pretrain")], ignore_index=True)
-    cells = cells.drop_duplicates(["r", "c"]).reset_index(drop=True)
-    cx, cy = GRID_9KM.center(cells["r"].to_numpy(), cells["c"].to_numpy())
-    cells["lon"], cells["lat"] = xy_to_lonlat(cx, cy)
-    n_cells = len(cells)
-    is_pre = (cells["kind"] == "pretrain").to_numpy()
-    # pretraining cells are more varied: wider spread of the climate (standing for global data)
-    wetness = np.exp(rng.normal(0, np.where(is_pre, 0.35, 0.12)))
-    lon_c, lat_c = cells["lon"].to_numpy(), cells["lat"].to_numpy()
-    precip, t_air = _weather(lon_c, lat_c, days, rng, wetness)
-    annual = _climate(lon_c, lat_c)["precip_mm"] * wetness
 
-    # ----- 50 m cells: INNER inside each 9 km cell, FOOTPRINT in its SMAP footprint, stations --
-    cell_of = {(r, c): i for i, (r, c) in enumerate(zip(cells["r"], cells["c"]))}
-    st_cell = np.array([cell_of[(r, c)] for r, c in zip(stations["r"], stations["c"])], dtype=int)
-    n_inner, n_foot = n_cells * INNER, n_cells * FOOTPRINT
-    sub_cell = np.concatenate([np.repeat(np.arange(n_cells), INNER), np.repeat(np.arange(n_cells), FOOTPRINT), st_cell])
-    n_sub = len(sub_cell)
-    inner_sub = np.arange(n_inner).reshape(n_cells, INNER)
-    foot_sub = n_inner + np.arange(n_foot).reshape(n_cells, FOOTPRINT)
-    station_sub = n_inner + n_foot + np.arange(len(stations))
-    half = GRID_9KM.cell_m / 2000.0
-    sx, sy = lonlat_to_xy(stations["lon"].to_numpy(), stations["lat"].to_numpy())
-    pos_km = np.concatenate([
-        rng.uniform(-half, half, (n_inner, 2)),
-        rng.normal(0.0, SMAP_FOOTPRINT_KM / 2.3548, (n_foot, 2)),  # Gaussian footprint of that FWHM
-        np.column_stack([(sx - cx[st_cell]) / 1000.0, (sy - cy[st_cell]) / 1000.0]),
-    ])
-    groups = [np.concatenate([inner_sub[j], foot_sub[j], station_sub[st_cell == j]]) for j in range(n_cells)]
-    rain_mult = _rain_multipliers(groups, pos_km, days, n_sub, rng)
+class _Generator:
+    """The state ``simulate`` builds stage by stage; each stage reads what the earlier ones set."""
 
-    # land cover: drawn from the cell's regional fractions; stations on open grass or crop
-    fractions = land_cover_fractions(lon_c, annual)
-    cum = np.cumsum(fractions[sub_cell], axis=1)
-    lc = (rng.uniform(size=n_sub)[:, None] > cum).sum(1).clip(0, len(LAND_COVER) - 1)
-    lc[station_sub] = np.where(rng.uniform(size=len(stations)) < STATION_ON_GRASS, GRASS, CROPLAND)
-    land = lc != WATER
+    def __init__(self, cfg: SimConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        start, end = pd.Timestamp(cfg.start), pd.Timestamp(cfg.end)
+        self.days = pd.date_range(start - pd.Timedelta(days=HISTORY_DAYS + SPINUP_DAYS), end, freq="D")
+        self.first = HISTORY_DAYS + SPINUP_DAYS
 
-    # soil: smooth regional texture plus 50 m heterogeneity; the inputs carry SoilGrids-like error
-    sand_f, clay_f = _smooth_field(rng), _smooth_field(rng)
-    sand_c = np.clip(45 + 28 * sand_f(lon_c, lat_c) + 10 * (lon_c < -100), 5, 90)
-    clay_c = np.clip(20 + 15 * clay_f(lon_c, lat_c) + 6 * (lon_c > -95) - 6 * (lon_c < -105), 3, 55)
-    sand = np.clip(sand_c[sub_cell] + rng.normal(0, TEXTURE_50M_SD["sand"], n_sub), 3, 95)
-    clay = np.clip(clay_c[sub_cell] + rng.normal(0, TEXTURE_50M_SD["clay"], n_sub), 2, 65)
-    clay = np.minimum(clay, 97 - sand)
-    bulk = np.clip(170 - 0.45 * clay - 0.1 * (100 - sand) + rng.normal(0, 6, n_sub), 105, 178)
-    err = {k: rng.normal(0, cell_sd, n_cells)[sub_cell] + rng.normal(0, pixel_sd, n_sub)
-           for k, (cell_sd, pixel_sd) in SOILGRIDS_ERROR.items()}
-    sand_in = np.clip(sand + err["sand"], 1, 97)
-    clay_in = np.clip(np.minimum(clay + err["clay"], 99 - sand_in), 1, 80)
-    bulk_in = np.clip(bulk + err["bulk_density"], 100, 180)
-    # organic matter (%), seen by no input: more under wetter climates, raising water retention
-    organic = np.exp(rng.normal(np.log(0.8 + 3.0 * np.clip(annual / 1300.0, 0, 1)[sub_cell]), 0.6, n_sub))
-    hyd = physics.cosby_hydraulics(sand, clay)
-    hyd = {k: v + ORGANIC_RETENTION.get(k, 0.0) * organic for k, v in hyd.items()}
+    def places_and_weather(self) -> None:
+        """Stations, 9 km cells (station cells first, then pretraining cells; the pretraining table
+        covers both), and the daily weather of every cell."""
+        cfg, rng = self.cfg, self.rng
+        stations = _place_stations(cfg, rng)
+        pre = _pretrain_cells(cfg, rng)
+        st_cells = stations[["r", "c"]].drop_duplicates().reset_index(drop=True)
+        cells = pd.concat([st_cells.assign(kind="station"), pre[["r", "c"]].assign(kind="pretrain")], ignore_index=True)
+        cells = cells.drop_duplicates(["r", "c"]).reset_index(drop=True)
+        cx, cy = GRID_9KM.center(cells["r"].to_numpy(), cells["c"].to_numpy())
+        cells["lon"], cells["lat"] = xy_to_lonlat(cx, cy)
+        is_pre = (cells["kind"] == "pretrain").to_numpy()
+        # pretraining cells are more varied: wider spread of the climate (standing for global data)
+        wetness = np.exp(rng.normal(0, np.where(is_pre, 0.35, 0.12)))
+        self.lon_c, self.lat_c = cells["lon"].to_numpy(), cells["lat"].to_numpy()
+        self.precip, self.t_air = _weather(self.lon_c, self.lat_c, self.days, rng, wetness)
+        self.annual = _climate(self.lon_c, self.lat_c)["precip_mm"] * wetness
+        self.stations, self.st_cells, self.cells, self.cx, self.cy = stations, st_cells, cells, cx, cy
+        self.n_cells = len(cells)
 
-    elev_c = _elevation(lon_c, lat_c) + rng.normal(0, 60, n_cells)
-    relief = np.clip(np.exp(-(((lon_c + 110) / 8) ** 2)) + 0.5 * np.exp(-(((lon_c + 81) / 3) ** 2)), 0.05, 1)
-    elev = np.maximum(elev_c[sub_cell] + rng.normal(0, 40 * relief[sub_cell] + 5, n_sub), 0)
-    slope = np.clip(rng.gamma(1.5, 1.0 + 8.0 * relief[sub_cell]), 0, 40)
-    aspect = rng.uniform(0, 360, n_sub)
-    catchment = np.exp(rng.normal(np.log(100.0), 1.0, n_sub))  # specific upslope area (m), no input
-    twi = physics.wetness_index(slope, catchment)
-    runon = np.clip(1 + RUNON_PER_TWI * (twi - TWI_MEAN), 0.5, 2.0)
-    # drainage of the surface layer: 0.5 a day for a loam, faster in sand, slower in clay (sqrt of
-    # the Cosby conductivity ratio), slower where water converges
-    loam_ks = physics.cosby_hydraulics(np.array([40.0]), np.array([20.0]))["ks_mm_day"]
-    drainage = np.clip(0.5 * np.sqrt(hyd["ks_mm_day"] / loam_ks) * np.exp(-0.25 * (twi - TWI_MEAN)), 0.05, 0.95)
+    def subcells_and_rain(self) -> None:
+        """The 50 m cells: ``C.inner`` inside each 9 km cell, ``C.footprint`` in its SMAP footprint,
+        and the stations' own; their positions, and the rain multiplier below 9 km."""
+        rng, stations, cells, n_cells = self.rng, self.stations, self.cells, self.n_cells
+        self.cell_of = {(r, c): i for i, (r, c) in enumerate(zip(cells["r"], cells["c"]))}
+        st_cell = np.array([self.cell_of[(r, c)] for r, c in zip(stations["r"], stations["c"])], dtype=int)
+        n_inner, n_foot = n_cells * C.inner, n_cells * C.footprint
+        sub_cell = np.concatenate([np.repeat(np.arange(n_cells), C.inner), np.repeat(np.arange(n_cells), C.footprint),
+                                   st_cell])
+        n_sub = len(sub_cell)
+        inner_sub = np.arange(n_inner).reshape(n_cells, C.inner)
+        foot_sub = n_inner + np.arange(n_foot).reshape(n_cells, C.footprint)
+        station_sub = n_inner + n_foot + np.arange(len(stations))
+        half = GRID_9KM.cell_m / 2000.0
+        sx, sy = lonlat_to_xy(stations["lon"].to_numpy(), stations["lat"].to_numpy())
+        pos_km = np.concatenate([
+            rng.uniform(-half, half, (n_inner, 2)),
+            rng.normal(0.0, C.smap_footprint_km / 2.3548, (n_foot, 2)),  # Gaussian footprint of that FWHM
+            np.column_stack([(sx - self.cx[st_cell]) / 1000.0, (sy - self.cy[st_cell]) / 1000.0]),
+        ])
+        groups = [np.concatenate([inner_sub[j], foot_sub[j], station_sub[st_cell == j]]) for j in range(n_cells)]
+        self.rain_mult = _rain_multipliers(groups, pos_km, self.days, n_sub, rng)
+        self.st_cell, self.sub_cell, self.n_sub = st_cell, sub_cell, n_sub
+        self.inner_sub, self.foot_sub, self.station_sub = inner_sub, foot_sub, station_sub
 
-    # ----- daily water balance and NDVI per 50 m cell --------------------------------------
-    cls = {f: np.array([getattr(c, f) for c in LAND_COVER]) for f in
-           ("ndvi_min", "phenology", "evap_factor", "interception", "stem_factor")}
-    wet01 = np.clip(annual / 1300.0, 0, 1)[sub_cell]
-    nmax_lo, nmax_hi = (np.array([c.ndvi_max[i] for c in LAND_COVER]) for i in (0, 1))
-    ndvi_max = nmax_lo[lc] + (nmax_hi[lc] - nmax_lo[lc]) * wet01 + rng.normal(0, 0.03, n_sub)
-    ndvi_min = cls["ndvi_min"][lc] + rng.normal(0, 0.02, n_sub)
-    evergreen = (lc == FOREST) & (lon_c[sub_cell] < -100)
-    ndvi_min[evergreen] = 0.6 + rng.normal(0, 0.03, int(evergreen.sum()))
-    ndvi_max = np.maximum(ndvi_max, ndvi_min + 0.05)
-    irrigated = (lc == CROPLAND) & (rng.uniform(size=n_sub) < irrigated_share(annual[sub_cell]))
-    irrigated[station_sub] = False
-    params = SurfaceParams(
-        hyd, ndvi_min, ndvi_max, precip_scale=runon * (1 - cls["interception"][lc]), phenology=cls["phenology"][lc],
-        evap_factor=cls["evap_factor"][lc], drainage_rate=drainage, irrigated=irrigated,
-        planting_doy=100 + 3 * (lat_c[sub_cell] - 30) + rng.normal(0, 7, n_sub),
-    )
-    sm, ndvi, thin = water_and_greenness(precip, t_air, sub_cell, lat_c[sub_cell], days, params,
-                                            rain_mult=rain_mult, thin_depth_mm=SENSING_DEPTH_MM)
-    del rain_mult
+    def land_cover(self) -> None:
+        """Classes drawn from the cell's regional fractions; stations on open grass or crop."""
+        rng, n_sub = self.rng, self.n_sub
+        fractions = land_cover_fractions(self.lon_c, self.annual)
+        cum = np.cumsum(fractions[self.sub_cell], axis=1)
+        lc = (rng.uniform(size=n_sub)[:, None] > cum).sum(1).clip(0, len(LAND_COVER) - 1)
+        lc[self.station_sub] = np.where(rng.uniform(size=len(self.stations)) < C.station_on_grass, GRASS, CROPLAND)
+        self.lc, self.land = lc, lc != WATER
 
-    # ----- Sentinel-1 calendar, SMAP availability ----------------------------------------
-    n_years = (len(days) - first) / 365.25
-    fine_target = {n: NETWORKS[n].fine_samples * (stations["network"] == n).sum() / NETWORKS[n].stations for n in cfg.networks}
-    coarse_target = {n: NETWORKS[n].coarse_samples * (stations["network"] == n).sum() / NETWORKS[n].stations for n in cfg.networks}
-    first_station = stations.drop_duplicates(["r", "c"])  # a 9 km cell is named after its first station
-    first_net = first_station.set_index(["r", "c"])["network"]
-    cells_per_net = first_net.value_counts()
-    pre_per_cell = max(1, int(cfg.pretrain_samples_per_cell))
-    passes = np.full(n_cells, int(np.clip(np.ceil(pre_per_cell * 1.6 / (n_years * 365.25 / 12)), 2, 8)))
-    for i in range(len(st_cells)):
-        net = first_net.loc[(cells.at[i, "r"], cells.at[i, "c"])]
-        per_cell = max(coarse_target[net] / cells_per_net[net], pre_per_cell)
-        passes[i] = int(np.clip(np.ceil(per_cell * 1.6 / (n_years * 365.25 / 12)), 2, 8))
-    s1 = _s1_dates(n_cells, days, first, rng, passes)
-    # frozen ground: ISMN flags in situ data under 0 degC (flags D01-D03, Dorigo et al. 2013) and
-    # SMAP retrieves nothing, so neither scale has samples on frozen days
-    s1 = [(d[t_air[d, j] >= 0.0], a[t_air[d, j] >= 0.0]) for j, (d, a) in enumerate(s1)]
-    smap_am = rng.uniform(size=(len(days), n_cells)) < 0.55
-    smap_pm = rng.uniform(size=(len(days), n_cells)) < 0.55
+    def soil_and_terrain(self) -> None:
+        """Smooth regional texture plus 50 m heterogeneity (the inputs carry SoilGrids-like error),
+        unseen organic matter, Cosby hydraulics; elevation, slope, aspect, wetness index, run-on and
+        drainage."""
+        rng, n_sub, n_cells, sub_cell = self.rng, self.n_sub, self.n_cells, self.sub_cell
+        lon_c, lat_c, annual = self.lon_c, self.lat_c, self.annual
+        sand_f, clay_f = _smooth_field(rng), _smooth_field(rng)
+        sand_c = np.clip(45 + 28 * sand_f(lon_c, lat_c) + 10 * (lon_c < -100), 5, 90)
+        clay_c = np.clip(20 + 15 * clay_f(lon_c, lat_c) + 6 * (lon_c > -95) - 6 * (lon_c < -105), 3, 55)
+        sand = np.clip(sand_c[sub_cell] + rng.normal(0, C.texture_50m_sd["sand"], n_sub), 3, 95)
+        clay = np.clip(clay_c[sub_cell] + rng.normal(0, C.texture_50m_sd["clay"], n_sub), 2, 65)
+        clay = np.minimum(clay, 97 - sand)
+        bulk = np.clip(170 - 0.45 * clay - 0.1 * (100 - sand) + rng.normal(0, 6, n_sub), 105, 178)
+        err = {k: rng.normal(0, cell_sd, n_cells)[sub_cell] + rng.normal(0, pixel_sd, n_sub)
+               for k, (cell_sd, pixel_sd) in C.soilgrids_error.items()}
+        sand_in = np.clip(sand + err["sand"], 1, 97)
+        self.clay_in = np.clip(np.minimum(clay + err["clay"], 99 - sand_in), 1, 80)
+        self.bulk_in = np.clip(bulk + err["bulk_density"], 100, 180)
+        self.sand, self.clay, self.sand_in = sand, clay, sand_in
+        # organic matter (%), seen by no input: more under wetter climates, raising water retention
+        organic = np.exp(rng.normal(np.log(0.8 + 3.0 * np.clip(annual / 1300.0, 0, 1)[sub_cell]), 0.6, n_sub))
+        hyd = physics.cosby_hydraulics(sand, clay)
+        self.hyd = {k: v + C.organic_retention.get(k, 0.0) * organic for k, v in hyd.items()}
 
-    def area_mean(daily: np.ndarray, subs: np.ndarray, gathered: bool = False) -> np.ndarray:
+        elev_c = _elevation(lon_c, lat_c) + rng.normal(0, 60, n_cells)
+        relief = np.clip(np.exp(-(((lon_c + 110) / 8) ** 2)) + 0.5 * np.exp(-(((lon_c + 81) / 3) ** 2)), 0.05, 1)
+        self.elev = np.maximum(elev_c[sub_cell] + rng.normal(0, 40 * relief[sub_cell] + 5, n_sub), 0)
+        self.slope = np.clip(rng.gamma(1.5, 1.0 + 8.0 * relief[sub_cell]), 0, 40)
+        self.aspect = rng.uniform(0, 360, n_sub)
+        catchment = np.exp(rng.normal(np.log(100.0), 1.0, n_sub))  # specific upslope area (m), no input
+        self.twi = physics.wetness_index(self.slope, catchment)
+        self.runon = np.clip(1 + C.runon_per_twi * (self.twi - C.twi_mean), 0.5, 2.0)
+        # drainage of the surface layer: 0.5 a day for a loam, faster in sand, slower in clay (sqrt of
+        # the Cosby conductivity ratio), slower where water converges
+        loam_ks = physics.cosby_hydraulics(np.array([40.0]), np.array([20.0]))["ks_mm_day"]
+        self.drainage = np.clip(0.5 * np.sqrt(self.hyd["ks_mm_day"] / loam_ks) * np.exp(-0.25 * (self.twi - C.twi_mean)),
+                                0.05, 0.95)
+
+    def water_and_ndvi(self) -> None:
+        """The daily water balance (surface layer and thin top layer) and NDVI of every 50 m cell."""
+        rng, n_sub, lc, sub_cell = self.rng, self.n_sub, self.lc, self.sub_cell
+        self.cls = cls = {f: np.array([getattr(c, f) for c in LAND_COVER]) for f in
+                          ("ndvi_min", "phenology", "evap_factor", "interception", "stem_factor")}
+        wet01 = np.clip(self.annual / 1300.0, 0, 1)[sub_cell]
+        nmax_lo, nmax_hi = (np.array([c.ndvi_max[i] for c in LAND_COVER]) for i in (0, 1))
+        ndvi_max = nmax_lo[lc] + (nmax_hi[lc] - nmax_lo[lc]) * wet01 + rng.normal(0, 0.03, n_sub)
+        ndvi_min = cls["ndvi_min"][lc] + rng.normal(0, 0.02, n_sub)
+        evergreen = (lc == FOREST) & (self.lon_c[sub_cell] < -100)
+        ndvi_min[evergreen] = 0.6 + rng.normal(0, 0.03, int(evergreen.sum()))
+        ndvi_max = np.maximum(ndvi_max, ndvi_min + 0.05)
+        irrigated = (lc == CROPLAND) & (rng.uniform(size=n_sub) < irrigated_share(self.annual[sub_cell]))
+        irrigated[self.station_sub] = False
+        params = SurfaceParams(
+            self.hyd, ndvi_min, ndvi_max, precip_scale=self.runon * (1 - cls["interception"][lc]),
+            phenology=cls["phenology"][lc], evap_factor=cls["evap_factor"][lc], drainage_rate=self.drainage,
+            irrigated=irrigated, planting_doy=100 + 3 * (self.lat_c[sub_cell] - 30) + rng.normal(0, 7, n_sub),
+        )
+        self.sm, self.ndvi, self.thin = water_and_greenness(self.precip, self.t_air, sub_cell, self.lat_c[sub_cell],
+                                                            self.days, params, rain_mult=self.rain_mult,
+                                                            thin_depth_mm=C.sensing_depth_mm)
+        self.ndvi_min, self.ndvi_max = ndvi_min, ndvi_max
+        del self.rain_mult
+
+    def calendars(self) -> None:
+        """Sample counts per network (Table 2, scaled), Sentinel-1 dates per cell without frozen
+        days, and SMAP's AM / PM availability."""
+        cfg, rng, stations, cells, n_cells = self.cfg, self.rng, self.stations, self.cells, self.n_cells
+        days, first = self.days, self.first
+        self.n_years = (len(days) - first) / 365.25
+        counts = stations["network"].value_counts()
+        self.fine_target = {n: NETWORKS[n].fine_samples * counts.get(n, 0) / NETWORKS[n].stations for n in cfg.networks}
+        self.coarse_target = {n: NETWORKS[n].coarse_samples * counts.get(n, 0) / NETWORKS[n].stations for n in cfg.networks}
+        self.first_station = stations.drop_duplicates(["r", "c"])  # a 9 km cell is named after its first station
+        first_net = self.first_station.set_index(["r", "c"])["network"]
+        cells_per_net = first_net.value_counts()
+        self.pre_per_cell = max(1, int(cfg.pretrain_samples_per_cell))
+        per_month = self.n_years * 365.25 / 12
+        passes = np.full(n_cells, int(np.clip(np.ceil(self.pre_per_cell * 1.6 / per_month), 2, 8)))
+        for i in range(len(self.st_cells)):
+            net = first_net.loc[(cells.at[i, "r"], cells.at[i, "c"])]
+            per_cell = max(self.coarse_target[net] / cells_per_net[net], self.pre_per_cell)
+            passes[i] = int(np.clip(np.ceil(per_cell * 1.6 / per_month), 2, 8))
+        s1 = _s1_dates(n_cells, days, first, rng, passes)
+        # frozen ground: ISMN flags in situ data under 0 degC (flags D01-D03, Dorigo et al. 2013) and
+        # SMAP retrieves nothing, so neither scale has samples on frozen days
+        t_air = self.t_air
+        self.s1 = [(d[t_air[d, j] >= 0.0], a[t_air[d, j] >= 0.0]) for j, (d, a) in enumerate(s1)]
+        self.smap_am = rng.uniform(size=(len(days), n_cells)) < 0.55
+        self.smap_pm = rng.uniform(size=(len(days), n_cells)) < 0.55
+
+    def area_mean(self, daily: np.ndarray, subs: np.ndarray, gathered: bool = False) -> np.ndarray:
         """(days, cells): mean over each cell's 50 m cells ``subs`` (cells, k), open water left
         out; ``gathered``: ``daily`` already holds those columns, (days, cells * k)."""
-        w = land[subs].astype(np.float64)
+        w = self.land[subs].astype(np.float64)
         values = daily.reshape(len(daily), *subs.shape) if gathered else daily[:, subs]
         return np.einsum("dck,ck->dc", values, w, dtype=np.float64) / np.maximum(w.sum(1), 1)
 
-    # SMAP-like 9 km soil moisture: the top layer over the ~35 km footprint, a dry bias and noise
-    # that grow with vegetation water content, AM and PM passes
-    cell_mean = area_mean(sm, inner_sub)
-    footprint = area_mean(thin, foot_sub)
-    fs = foot_sub.ravel()  # vegetation water content of the footprint's cells only
-    vwc_foot = area_mean(physics.vegetation_water_content(ndvi[:, fs], ndvi_min[fs], ndvi_max[fs],
-                                                          cls["stem_factor"][lc[fs]]), foot_sub, gathered=True)
-    bias = -(SMAP_DRY_BIAS[0] + SMAP_DRY_BIAS[1] * vwc_foot)
-    noise_sd = SMAP_NOISE[0] + SMAP_NOISE[1] * vwc_foot
-    pm_bias = rng.normal(0.015, 0.01, n_cells)
-    am = footprint + bias + noise_sd * rng.standard_normal(footprint.shape)
-    pm = footprint + bias + pm_bias + noise_sd * rng.standard_normal(footprint.shape)
-    am[~smap_am | (t_air < 0)], pm[~smap_pm | (t_air < 0)] = np.nan, np.nan
-    pm_corrected = pm - (np.nanmean(pm, axis=0) - np.nanmean(am, axis=0))  # PM to AM by mean difference
-    n_obs = (~np.isnan(am)).astype(int) + (~np.isnan(pm_corrected))
-    total = np.nan_to_num(am) + np.nan_to_num(pm_corrected)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        smap = np.where(n_obs > 0, np.clip(total / n_obs, 0.02, 0.6), np.nan)
+    def smap_retrievals(self) -> None:
+        """SMAP-like 9 km soil moisture: the top layer over the ~35 km footprint, a dry bias and
+        noise that grow with vegetation water content, AM and PM passes merged."""
+        rng, foot_sub, lc, ndvi = self.rng, self.foot_sub, self.lc, self.ndvi
+        self.cell_mean = self.area_mean(self.sm, self.inner_sub)
+        footprint = self.area_mean(self.thin, foot_sub)
+        fs = foot_sub.ravel()  # vegetation water content of the footprint's cells only
+        vwc_foot = self.area_mean(physics.vegetation_water_content(ndvi[:, fs], self.ndvi_min[fs], self.ndvi_max[fs],
+                                                                   self.cls["stem_factor"][lc[fs]]), foot_sub,
+                                  gathered=True)
+        bias = -(C.smap_dry_bias[0] + C.smap_dry_bias[1] * vwc_foot)
+        noise_sd = C.smap_noise[0] + C.smap_noise[1] * vwc_foot
+        pm_bias = rng.normal(0.015, 0.01, self.n_cells)
+        am = footprint + bias + noise_sd * rng.standard_normal(footprint.shape)
+        pm = footprint + bias + pm_bias + noise_sd * rng.standard_normal(footprint.shape)
+        am[~self.smap_am | (self.t_air < 0)], pm[~self.smap_pm | (self.t_air < 0)] = np.nan, np.nan
+        pm_corrected = pm - (np.nanmean(pm, axis=0) - np.nanmean(am, axis=0))  # PM to AM by mean difference
+        n_obs = (~np.isnan(am)).astype(int) + (~np.isnan(pm_corrected))
+        total = np.nan_to_num(am) + np.nan_to_num(pm_corrected)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.smap = np.where(n_obs > 0, np.clip(total / n_obs, 0.02, 0.6), np.nan)
 
-    # ----- Sentinel-1: soil under a Water Cloud per class; urban and water without soil signal ----
-    wcm = {k: np.array([getattr(c, k) for c in LAND_COVER]) for k in ("wcm_vv", "wcm_vh")}
-    rms_lo, rms_hi = (np.array([c.rms_cm[i] for c in LAND_COVER]) for i in (0, 1))
-    rms_cm = rng.uniform(rms_lo[lc], rms_hi[lc])
-    z1, z2 = rng.normal(0, CLUTTER_DB, n_sub), rng.normal(0, CLUTTER_DB, n_sub)
-    clutter_vv, clutter_vh = 10 ** (z1 / 10), 10 ** ((0.7 * z1 + 0.714 * z2) / 10)
-    urban_vv = 10 ** (rng.normal(-6.0, 3.0, n_sub) / 10)
+    def sar_surfaces(self) -> None:
+        """What Sentinel-1 sees besides soil and vegetation: roughness by class, static clutter,
+        urban backscatter."""
+        rng, lc, n_sub = self.rng, self.lc, self.n_sub
+        self.wcm = {k: np.array([getattr(c, k) for c in LAND_COVER]) for k in ("wcm_vv", "wcm_vh")}
+        rms_lo, rms_hi = (np.array([c.rms_cm[i] for c in LAND_COVER]) for i in (0, 1))
+        self.rms_cm = rng.uniform(rms_lo[lc], rms_hi[lc])
+        z1, z2 = rng.normal(0, C.clutter_db, n_sub), rng.normal(0, C.clutter_db, n_sub)
+        self.clutter_vv, self.clutter_vh = 10 ** (z1 / 10), 10 ** ((0.7 * z1 + 0.714 * z2) / 10)
+        self.urban_vv = 10 ** (rng.normal(-6.0, 3.0, n_sub) / 10)
+        self.igbp = np.array([c.igbp for c in LAND_COVER])
 
-    def sar(sub: np.ndarray, d: np.ndarray, angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        c = lc[sub]
-        veg = ndvi[d, sub].astype(float)
-        vv_s, vh_s = physics.oh_bare_soil(thin[d, sub].astype(float), angle, rms_cm[sub])
+    def sar(self, sub: np.ndarray, d: np.ndarray, angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Linear VV and VH of 50 m cells ``sub`` on days ``d``: soil (Oh) under a Water Cloud per
+        class; urban and water without soil signal; clutter."""
+        c = self.lc[sub]
+        veg = self.ndvi[d, sub].astype(float)
+        vv_s, vh_s = physics.oh_bare_soil(self.thin[d, sub].astype(float), angle, self.rms_cm[sub])
+        wcm = self.wcm
         vv = physics.water_cloud(vv_s, veg, angle, a=wcm["wcm_vv"][c, 0], b=wcm["wcm_vv"][c, 1])
         vh = physics.water_cloud(vh_s, veg, angle, a=wcm["wcm_vh"][c, 0], b=wcm["wcm_vh"][c, 1])
-        wind = 10 ** (rng.normal(0, 3.0, len(sub)) / 10)
-        vv = np.select([c == URBAN, c == WATER], [urban_vv[sub], 10**-2.0 * wind], vv)
-        vh = np.select([c == URBAN, c == WATER], [urban_vv[sub] * 10**-0.7, 10**-2.7 * wind], vh)
-        return vv * clutter_vv[sub], vh * clutter_vh[sub]
+        wind = 10 ** (self.rng.normal(0, 3.0, len(sub)) / 10)
+        vv = np.select([c == URBAN, c == WATER], [self.urban_vv[sub], 10**-2.0 * wind], vv)
+        vh = np.select([c == URBAN, c == WATER], [self.urban_vv[sub] * 10**-0.7, 10**-2.7 * wind], vh)
+        return vv * self.clutter_vv[sub], vh * self.clutter_vh[sub]
 
-    def speckle(n: int, looks: float) -> np.ndarray:
-        return rng.gamma(looks, 1.0 / looks, n)
+    def speckle(self, n: int, looks: float) -> np.ndarray:
+        return self.rng.gamma(looks, 1.0 / looks, n)
 
-    def features(cell: np.ndarray, d: np.ndarray, angle: np.ndarray, vv: np.ndarray,
-                 vh: np.ndarray, soil: dict[str, np.ndarray], ndvi_daily: np.ndarray, ndvi_col: np.ndarray) -> pd.DataFrame:
+    def features(self, cell: np.ndarray, d: np.ndarray, angle: np.ndarray, vv: np.ndarray, vh: np.ndarray,
+                 soil: dict[str, np.ndarray], ndvi_daily: np.ndarray, ndvi_col: np.ndarray) -> pd.DataFrame:
+        """The normalised Table 1 features of samples (9 km cell, day, angle, backscatter, soil)."""
         raw = {
-            "vv": physics.db(vv), "vh": physics.db(vh), "angle": angle, "doy": days[d].day_of_year.to_numpy().astype(float),
-            **soil,
-            "row_9km": cells["r"].to_numpy()[cell].astype(float), "col_9km": cells["c"].to_numpy()[cell].astype(float),
+            "vv": physics.db(vv), "vh": physics.db(vh), "angle": angle,
+            "doy": self.days[d].day_of_year.to_numpy().astype(float), **soil,
+            "row_9km": self.cells["r"].to_numpy()[cell].astype(float),
+            "col_9km": self.cells["c"].to_numpy()[cell].astype(float),
         }
         frame = pd.DataFrame(raw)
         series = {
             "ndvi": _eight_day_series(ndvi_daily, ndvi_col, d),
-            "t2m": _eight_day_series(t_air, cell, d),
-            "tp": _eight_day_series(precip, cell, d) / 1000.0,
+            "t2m": _eight_day_series(self.t_air, cell, d),
+            "tp": _eight_day_series(self.precip, cell, d) / 1000.0,
         }
         cols = {f"{k}_{i:02d}": v[:, i] for k, v in series.items() for i in range(STEPS)}
         frame = pd.concat([frame, pd.DataFrame(cols)], axis=1)
         f = DEFAULT_SCHEMA.encode(frame)
         return pd.DataFrame(DEFAULT_SCHEMA.normalise(f), columns=DEFAULT_SCHEMA.feature_names)
 
-    igbp = np.array([c.igbp for c in LAND_COVER])
+    def fine_table(self) -> pd.DataFrame:
+        """Each station's own 50 m cell on Sentinel-1 dates of its record; the truth is the probe's
+        reading: its point (AR(1) error against the cell) through its calibration."""
+        cfg, rng, stations, st_cell, s1 = self.cfg, self.rng, self.stations, self.st_cell, self.s1
+        caps = np.array([len(s1[j][0]) for j in st_cell])
+        if caps.min() <= 5:
+            i = int(np.argmin(caps))
+            raise MsdaError(
+                f"date range {cfg.start} to {cfg.end} too short: station {stations.at[i, 'station']} gets "
+                f"{caps[i]} Sentinel-1 dates, and stations need more than 5"
+            )
+        k_station = np.zeros(len(stations), dtype=int)
+        for net in cfg.networks:
+            idx = np.flatnonzero(stations["network"].to_numpy() == net)
+            k_station[idx] = _split_total(int(round(self.fine_target[net])), len(idx), caps[idx], rng)
+        rows_st, rows_d, rows_a = [], [], []
+        for i in range(len(stations)):
+            dates, angles = s1[st_cell[i]]
+            k = k_station[i]
+            s0 = rng.integers(0, len(dates) - k + 1)  # the station's record: k consecutive acquisitions
+            rows_st.append(np.full(k, i))
+            rows_d.append(dates[s0 : s0 + k])
+            rows_a.append(angles[s0 : s0 + k])
+        si, sd, sa = np.concatenate(rows_st), np.concatenate(rows_d), np.concatenate(rows_a)
+        sub = self.station_sub[si]
+        vv, vh = self.sar(sub, sd, sa)
+        vv, vh = vv * self.speckle(len(sub), C.looks_50m), vh * self.speckle(len(sub), C.looks_50m)
+        soil = {"sand": self.sand_in[sub] * 10, "clay": self.clay_in[sub] * 10, "bulk_density": self.bulk_in[sub],
+                "elevation": self.elev[sub], "slope": self.slope[sub], "aspect_deg": self.aspect[sub]}
+        feats = self.features(st_cell[si], sd, sa, vv, vh, soil, self.ndvi, sub)
+        rho, rep_sd = C.representativeness
+        point_error = _ar1(rng, len(self.days), len(stations), rho, rep_sd)
+        self.point = np.clip(self.sm[:, self.station_sub] + point_error, 0.005, None)
+        # factory calibrations over-read in clay (dielectric loss), and each installation differs
+        self.gain = (1 + C.calibration["gain_per_clay"] * (self.clay[self.station_sub] - 20)
+                     + rng.normal(0, C.calibration["gain_sd"], len(stations)))
+        self.offset = rng.normal(0.0, C.calibration["offset_sd"], len(stations))
+        truth = self.gain[si] * self.point[sd, si] + self.offset[si] + rng.normal(0, C.sensor_noise, len(sub))
+        truth = np.clip(truth, 0.005, 0.6)
+        ids = pd.DataFrame({
+            "network": stations["network"].to_numpy()[si], "station": stations["station"].to_numpy()[si],
+            "r": stations["r"].to_numpy()[si], "c": stations["c"].to_numpy()[si], "date": self.days[sd],
+            "lc": self.igbp[self.lc[sub]], "sm_m3m3": truth,
+        })
+        return pd.concat([ids, feats], axis=1)
 
-    # ----- fine: each station's own 50 m cell, on Sentinel-1 dates of its record --------------
-    caps = np.array([len(s1[j][0]) for j in st_cell])
-    if caps.min() <= 5:
-        i = int(np.argmin(caps))
-        raise MsdaError(
-            f"date range {cfg.start} to {cfg.end} too short: station {stations.at[i, 'station']} gets "
-            f"{caps[i]} Sentinel-1 dates, and stations need more than 5"
-        )
-    k_station = np.zeros(len(stations), dtype=int)
-    for net in cfg.networks:
-        idx = np.flatnonzero(stations["network"].to_numpy() == net)
-        k_station[idx] = _split_total(int(round(fine_target[net])), len(idx), caps[idx], rng)
-    rows_st, rows_d, rows_a = [], [], []
-    for i in range(len(stations)):
-        dates, angles = s1[st_cell[i]]
-        k = k_station[i]
-        s0 = rng.integers(0, len(dates) - k + 1)  # the station's record: k consecutive acquisitions
-        rows_st.append(np.full(k, i))
-        rows_d.append(dates[s0 : s0 + k])
-        rows_a.append(angles[s0 : s0 + k])
-    si, sd, sa = np.concatenate(rows_st), np.concatenate(rows_d), np.concatenate(rows_a)
-    sub = station_sub[si]
-    vv, vh = sar(sub, sd, sa)
-    vv, vh = vv * speckle(len(sub), LOOKS_50M), vh * speckle(len(sub), LOOKS_50M)
-    soil = {"sand": sand_in[sub] * 10, "clay": clay_in[sub] * 10, "bulk_density": bulk_in[sub], "elevation": elev[sub],
-            "slope": slope[sub], "aspect_deg": aspect[sub]}
-    feats = features(st_cell[si], sd, sa, vv, vh, soil, ndvi, sub)
-    # the probe: its point differs from the 50 m cell in time (AR(1)) and reads through its calibration
-    rho, rep_sd = REPRESENTATIVENESS
-    point_error = _ar1(rng, len(days), len(stations), rho, rep_sd)
-    point = np.clip(sm[:, station_sub] + point_error, 0.005, None)
-    # factory calibrations over-read in clay (dielectric loss), and each installation differs
-    gain = 1 + CALIBRATION["gain_per_clay"] * (clay[station_sub] - 20) + rng.normal(0, CALIBRATION["gain_sd"], len(stations))
-    offset = rng.normal(0.0, CALIBRATION["offset_sd"], len(stations))
-    truth = gain[si] * point[sd, si] + offset[si] + rng.normal(0, SENSOR_NOISE, len(sub))
-    truth = np.clip(truth, 0.005, 0.6)
-    ids = pd.DataFrame({
-        "network": stations["network"].to_numpy()[si], "station": stations["station"].to_numpy()[si],
-        "r": stations["r"].to_numpy()[si], "c": stations["c"].to_numpy()[si], "date": days[sd],
-        "lc": igbp[lc[sub]], "sm_m3m3": truth,
-    })
-    fine_frame = pd.concat([ids, feats], axis=1)
+    def coarse_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The 9 km tables (stations' cells; every cell for pretraining): area means of the cell's
+        50 m cells on Sentinel-1 dates with a SMAP retrieval."""
+        cfg, rng, cells, n_cells = self.cfg, self.rng, self.cells, self.n_cells
+        inner_sub = self.inner_sub
+        self.ndvi_cell = self.ndvi[:, inner_sub].mean(2, dtype=np.float64)  # NDVI mixes all classes, water too
+        counts_lc = np.stack([(self.lc[inner_sub] == k).sum(1) for k in range(len(LAND_COVER))], axis=1)
+        self.dominant = self.igbp[np.argmax(counts_lc, axis=1)]
+        pre_names = [("PRETRAIN", f"cell_{r}_{c}") for r, c in zip(cells["r"], cells["c"])]
+        names: list[tuple[str, str]] = list(pre_names)  # station cells named after their first station
+        for _, row in self.first_station.iterrows():
+            names[self.cell_of[(row["r"], row["c"])]] = (row["network"], row["station"])
+        st_cell_idx = np.arange(len(self.st_cells))
+        counts = np.zeros(len(self.st_cells), dtype=int)
+        cap9 = np.array([int((~np.isnan(self.smap[self.s1[j][0], j])).sum()) for j in st_cell_idx])
+        nets_of_cell = np.array([names[j][0] for j in st_cell_idx])
+        for net in cfg.networks:
+            idx = np.flatnonzero(nets_of_cell == net)
+            counts[idx] = _split_total(int(round(self.coarse_target[net])), len(idx), cap9[idx], rng)
+        coarse = self._coarse_rows(st_cell_idx, counts, names)
+        pretrain = self._coarse_rows(np.arange(n_cells), np.full(n_cells, self.pre_per_cell), pre_names)
+        return coarse, pretrain
 
-    # ----- 9 km: area means of the cell's 50 m cells on Sentinel-1 dates with a SMAP retrieval ----
-    ndvi_cell = ndvi[:, inner_sub].mean(2, dtype=np.float64)  # NDVI mixes all classes, water too
-    counts_lc = np.stack([(lc[inner_sub] == k).sum(1) for k in range(len(LAND_COVER))], axis=1)
-    dominant = igbp[np.argmax(counts_lc, axis=1)]
-
-    def coarse_rows(cell_idx: np.ndarray, counts: np.ndarray, name_of: list[tuple[str, str]]) -> pd.DataFrame:
+    def _coarse_rows(self, cell_idx: np.ndarray, counts: np.ndarray, name_of: list[tuple[str, str]]) -> pd.DataFrame:
         """Samples of these cells, built 100 cells at a time (bounded memory)."""
-        parts = [coarse_block(cell_idx[i : i + 100], counts[i : i + 100], name_of) for i in range(0, len(cell_idx), 100)]
+        parts = [self._coarse_block(cell_idx[i : i + 100], counts[i : i + 100], name_of)
+                 for i in range(0, len(cell_idx), 100)]
         return pd.concat(parts, ignore_index=True)
 
-    def coarse_block(cell_idx: np.ndarray, counts: np.ndarray, name_of: list[tuple[str, str]]) -> pd.DataFrame:
+    def _coarse_block(self, cell_idx: np.ndarray, counts: np.ndarray, name_of: list[tuple[str, str]]) -> pd.DataFrame:
+        rng, smap = self.rng, self.smap
         ci, di, ai = [], [], []
         for j, k in zip(cell_idx, counts):
-            dates, angles = s1[j]
+            dates, angles = self.s1[j]
             ok = ~np.isnan(smap[dates, j])
             dates, angles = dates[ok], angles[ok]
             k = min(k, len(dates))
@@ -722,61 +825,53 @@ def simulate(cfg: SimConfig | None = None) -> Benchmark:
             ai.append(angles[s0 : s0 + k])
         ci, di, ai = np.concatenate(ci), np.concatenate(di), np.concatenate(ai)
         # sigma0 of the cell: mean of its 50 m cells' linear sigma0 (speckle averages out)
-        subs = inner_sub[ci]
-        vv_sub, vh_sub = sar(subs.ravel(), np.repeat(di, INNER), np.repeat(ai, INNER))
-        vv = vv_sub.reshape(-1, INNER).mean(1) * speckle(len(ci), LOOKS_50M * GRID_9KM.ratio(GRID_50M) ** 2)
-        vh = vh_sub.reshape(-1, INNER).mean(1) * speckle(len(ci), LOOKS_50M * GRID_9KM.ratio(GRID_50M) ** 2)
-        rad = np.radians(aspect[subs])
-        soil = {"sand": sand_in[subs].mean(1) * 10, "clay": clay_in[subs].mean(1) * 10,
-                "bulk_density": bulk_in[subs].mean(1), "elevation": elev[subs].mean(1), "slope": slope[subs].mean(1),
+        subs = self.inner_sub[ci]
+        vv_sub, vh_sub = self.sar(subs.ravel(), np.repeat(di, C.inner), np.repeat(ai, C.inner))
+        looks = C.looks_50m * GRID_9KM.ratio(GRID_50M) ** 2
+        vv = vv_sub.reshape(-1, C.inner).mean(1) * self.speckle(len(ci), looks)
+        vh = vh_sub.reshape(-1, C.inner).mean(1) * self.speckle(len(ci), looks)
+        rad = np.radians(self.aspect[subs])
+        soil = {"sand": self.sand_in[subs].mean(1) * 10, "clay": self.clay_in[subs].mean(1) * 10,
+                "bulk_density": self.bulk_in[subs].mean(1), "elevation": self.elev[subs].mean(1),
+                "slope": self.slope[subs].mean(1),
                 "aspect_deg": np.degrees(np.arctan2(np.sin(rad).mean(1), np.cos(rad).mean(1))) % 360}
-        feats = features(ci, di, ai, vv, vh, soil, ndvi_cell, ci)
+        feats = self.features(ci, di, ai, vv, vh, soil, self.ndvi_cell, ci)
         ids = pd.DataFrame({
             "network": [name_of[j][0] for j in ci], "station": [name_of[j][1] for j in ci],
-            "r": cells["r"].to_numpy()[ci], "c": cells["c"].to_numpy()[ci], "date": days[di],
-            "lc": dominant[ci], "sm_m3m3": smap[di, ci],
+            "r": self.cells["r"].to_numpy()[ci], "c": self.cells["c"].to_numpy()[ci], "date": self.days[di],
+            "lc": self.dominant[ci], "sm_m3m3": smap[di, ci],
         })
         return pd.concat([ids, feats], axis=1)
 
-    pre_names = [("PRETRAIN", f"cell_{r}_{c}") for r, c in zip(cells["r"], cells["c"])]
-    names: list[tuple[str, str]] = list(pre_names)  # station cells named after their first station
-    for _, row in first_station.iterrows():
-        names[cell_of[(row["r"], row["c"])]] = (row["network"], row["station"])
-    st_cell_idx = np.arange(len(st_cells))
-    counts = np.zeros(len(st_cells), dtype=int)
-    cap9 = np.array([int((~np.isnan(smap[s1[j][0], j])).sum()) for j in st_cell_idx])
-    nets_of_cell = np.array([names[j][0] for j in st_cell_idx])
-    for net in cfg.networks:
-        idx = np.flatnonzero(nets_of_cell == net)
-        counts[idx] = _split_total(int(round(coarse_target[net])), len(idx), cap9[idx], rng)
-    coarse_frame = coarse_rows(st_cell_idx, counts, names)
-    pretrain_frame = coarse_rows(np.arange(n_cells), np.full(n_cells, pre_per_cell), pre_names)
-
-    fine = samples_from_frame(fine_frame, "fine")
-    coarse = samples_from_frame(coarse_frame, "coarse")
-    pretrain = samples_from_frame(pretrain_frame, "coarse")
-    # daily series of the first SCAN (or first) station, for the plots
-    i0 = int(np.flatnonzero(stations["network"].to_numpy() == ("SCAN" if "SCAN" in cfg.networks else cfg.networks[0]))[0])
-    j0 = st_cell[i0]
-    series = {"station": pd.DataFrame({
-        "date": days[first:], "sm_50m": sm[first:, station_sub[i0]], "sm_9km_true": cell_mean[first:, j0],
-        "smap": smap[first:, j0], "precip_mm": precip[first:, j0],
-        "ndvi": ndvi[first:, station_sub[i0]],
-    }).assign(station=stations.at[i0, "station"])}
-    stations = stations.assign(
-        sand_pct=sand[station_sub], clay_pct=clay[station_sub], porosity=hyd["porosity"][station_sub],
-        annual_precip_mm=precip[first:, st_cell].sum(0) / n_years,
-        land_cover=[LAND_COVER[k].name for k in lc[station_sub]], wetness_index=twi[station_sub],
-        probe_gain=gain, probe_offset=offset,
-    )
-    inner = sm[first:][:, inner_sub]  # (days, cells, INNER)
-    inner = np.where(land[inner_sub][None], inner, np.nan)
-    diagnostics = {
-        # (days, cells): SD and mean of the 50 m soil moisture inside each 9 km cell
-        "within_cell_sd": np.nanstd(inner, axis=2, ddof=1).astype(np.float32),
-        "within_cell_mean": np.nanmean(inner, axis=2).astype(np.float32),
-        "station_sm_point": point[first:],  # (days, stations): the probe's point, before calibration
-        "station_sm_9km": cell_mean[first:, st_cell],  # (days, stations): the mean of its 9 km cell
-        "looks_50m": LOOKS_50M,
-    }
-    return Benchmark(fine, coarse, pretrain, stations, cfg, series, diagnostics)
+    def benchmark(self, fine_frame: pd.DataFrame, coarse_frame: pd.DataFrame, pretrain_frame: pd.DataFrame) -> Benchmark:
+        """The tables, the stations with what the generator knows of them, the daily series of one
+        station for the plots, and the diagnostics only the generator sees (for validation)."""
+        cfg, stations, first, days = self.cfg, self.stations, self.first, self.days
+        station_sub, st_cell = self.station_sub, self.st_cell
+        fine = samples_from_frame(fine_frame, "fine")
+        coarse = samples_from_frame(coarse_frame, "coarse")
+        pretrain = samples_from_frame(pretrain_frame, "coarse")
+        i0 = int(np.flatnonzero(stations["network"].to_numpy() == ("SCAN" if "SCAN" in cfg.networks else cfg.networks[0]))[0])
+        j0 = st_cell[i0]
+        series = {"station": pd.DataFrame({
+            "date": days[first:], "sm_50m": self.sm[first:, station_sub[i0]], "sm_9km_true": self.cell_mean[first:, j0],
+            "smap": self.smap[first:, j0], "precip_mm": self.precip[first:, j0],
+            "ndvi": self.ndvi[first:, station_sub[i0]],
+        }).assign(station=stations.at[i0, "station"])}
+        stations = stations.assign(
+            sand_pct=self.sand[station_sub], clay_pct=self.clay[station_sub], porosity=self.hyd["porosity"][station_sub],
+            annual_precip_mm=self.precip[first:, st_cell].sum(0) / self.n_years,
+            land_cover=[LAND_COVER[k].name for k in self.lc[station_sub]], wetness_index=self.twi[station_sub],
+            probe_gain=self.gain, probe_offset=self.offset,
+        )
+        inner = self.sm[first:][:, self.inner_sub]  # (days, cells, C.inner)
+        inner = np.where(self.land[self.inner_sub][None], inner, np.nan)
+        diagnostics = {
+            # (days, cells): SD and mean of the 50 m soil moisture inside each 9 km cell
+            "within_cell_sd": np.nanstd(inner, axis=2, ddof=1).astype(np.float32),
+            "within_cell_mean": np.nanmean(inner, axis=2).astype(np.float32),
+            "station_sm_point": self.point[first:],  # (days, stations): the probe's point, before calibration
+            "station_sm_9km": self.cell_mean[first:, st_cell],  # (days, stations): the mean of its 9 km cell
+            "looks_50m": C.looks_50m,
+        }
+        return Benchmark(fine, coarse, pretrain, stations, cfg, series, diagnostics)

@@ -26,7 +26,7 @@ from msda.grids import CRS, GRID_9KM, GRID_50M, xy_to_lonlat
 from msda.simulate import physics
 from msda.simulate.generator import (
     HISTORY_DAYS,
-    LOOKS_50M,
+    C,
     SPINUP_DAYS,
     STEP_DAYS,
     STEPS,
@@ -157,8 +157,8 @@ def simulate_scene(
         angle = (angle_far[i] - 0.9 * (1 - across)).ravel()
         vv_s, vh_s = physics.oh_bare_soil(theta, angle, rms_cm.ravel())
         veg = ndvi[d].astype(float)
-        vv = physics.water_cloud(vv_s, veg, angle, a=0.12, b=0.9) * rng.gamma(LOOKS_50M, 1 / LOOKS_50M, n_pix)
-        vh = physics.water_cloud(vh_s, veg, angle, a=0.025, b=0.6) * rng.gamma(LOOKS_50M, 1 / LOOKS_50M, n_pix)
+        vv = physics.water_cloud(vv_s, veg, angle, a=0.12, b=0.9) * rng.gamma(C.looks_50m, 1 / C.looks_50m, n_pix)
+        vh = physics.water_cloud(vh_s, veg, angle, a=0.025, b=0.6) * rng.gamma(C.looks_50m, 1 / C.looks_50m, n_pix)
         out["vv"][i], out["vh"][i] = physics.db(vv).reshape(shp), physics.db(vh).reshape(shp)
         out["angle"][i] = angle.reshape(shp)
         out["sm_true"][i] = theta.reshape(shp)
