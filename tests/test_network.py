@@ -42,12 +42,12 @@ def _schema(tmp_path, n_series: int, length: int):
     return load_schema(path)
 
 
-@pytest.mark.parametrize("shape", [(3, 46), (1, 70), (3, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(3, 46), (1, 70), (3, 8), (0, 0)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name", list(SPECS))
 def test_inference_engines_decline_or_match(tmp_path, name, shape):
     arch = SPECS[name]
     schema = _schema(tmp_path, *shape)
-    if arch.pooled_length(schema.series_length) < 1:
+    if schema.n_series and arch.pooled_length(schema.series_length) < 1:
         with pytest.raises(WeightsError, match="too short"):
             DenseSME([MemberSpec(1, 8)], schema=schema, arch=arch)
         return
@@ -63,17 +63,17 @@ def test_inference_engines_decline_or_match(tmp_path, name, shape):
     want_y = torch.stack([r[0] for r in ref], 1)
     want_f = torch.stack([r[1] for r in ref])
     engines = [ReferenceEngine(ens)]
-    if FusedEnsemble.covers(ens.arch, "infer"):
+    if FusedEnsemble.covers(ens.arch, "infer", schema.n_series):
         engines.append(FusedEnsemble(ens))
     else:
-        assert not arch.is_default
+        assert not arch.is_default or not schema.n_series
     for engine in engines:
         y, f = engine.member_features(x)
         torch.testing.assert_close(engine.member_outputs(x), want_y, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(y.T, want_y, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(f, want_f, rtol=1e-4, atol=1e-5)
     chosen = inference_engine(ens)
-    assert isinstance(chosen, FusedEnsemble) == arch.is_default
+    assert isinstance(chosen, FusedEnsemble) == (arch.is_default and schema.n_series > 0)
     np.testing.assert_allclose(predict(ens, x.numpy()).members, want_y.numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -91,14 +91,14 @@ def _in_module_layout(trainer, tensors: dict) -> dict:
     return holder.to_ensemble().state_dict()
 
 
-@pytest.mark.parametrize("shape", [(3, 46), (1, 70), (3, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(3, 46), (1, 70), (3, 8), (0, 0)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name", list(SPECS))
 def test_training_engines_decline_or_match(tmp_path, name, shape):
     """The trainer the dispatcher picks matches the reference modules in a training-mode step
     (dropout off on both): outputs, bottleneck features, every gradient and the running statistics."""
     arch = SPECS[name]
     schema = _schema(tmp_path, *shape)
-    if arch.pooled_length(schema.series_length) < 1:
+    if schema.n_series and arch.pooled_length(schema.series_length) < 1:
         return  # refused when built (test_inference_engines_decline_or_match)
     with torch.random.fork_rng(devices=[]):
         torch.set_default_dtype(torch.float64)
@@ -108,8 +108,9 @@ def test_training_engines_decline_or_match(tmp_path, name, shape):
             engine = training_engine(ens, 1, 0, torch.device("cpu"))
         finally:
             torch.set_default_dtype(torch.float32)
-    assert isinstance(engine, PartedEnsemble) == PartedEnsemble.covers(arch, "train") == arch.is_default
-    if not arch.is_default:
+    fast = arch.is_default and schema.n_series > 0
+    assert isinstance(engine, PartedEnsemble) == PartedEnsemble.covers(arch, "train", schema.n_series) == fast
+    if not fast:
         assert isinstance(engine, ReferenceParted)
     for m in ens.modules():  # the reference: the same modules, dropout off
         if isinstance(m, torch.nn.Dropout):

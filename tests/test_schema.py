@@ -132,7 +132,7 @@ def test_custom_schema_sizes_densesm(tmp_path):
         ("name='x'\n[[scalars]]\nname='a'\nlo=0\nhi=1\nfoo=2\n[[series]]\nname='s'\nlo=0\nhi=1", "unknown keys"),
         ("name='x'\n[[series]]\nname='s'\nlo=0\nhi=1\nlength=10\n[[series]]\nname='t'\nlo=0\nhi=1\nlength=12", "one length"),
         ("name='x'\n[[scalars]]\nname='a'\nhi=1", "required key 'lo'"),
-        ("name='x'\n[[scalars]]\nname='a'\nlo=0\nhi=1", "at least one time series"),
+        ("name='x'\n", "no inputs"),
         ("name='x'\n[[scalars]]\nname='a'\nlo=0\nhi=1\n[[scalars]]\nname='a'\nlo=0\nhi=1\n[[series]]\nname='s'\nlo=0\nhi=1", "duplicated"),
         ("name='x'\n[[scalars]]\nname='a'\nlo=0\nhi=1\nencoding={source='d', func='tan', period=3}\n[[series]]\nname='s'\nlo=0\nhi=1", "sin, cos or ratio"),
         ("name = [", "not a valid schema file"),

@@ -2,12 +2,20 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# OpenMP threads wait passively, so that on a busy machine a waiting thread leaves its core to
+# work (msda.runtime); read by OpenMP when PyTorch loads it, so set before the imports below.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from msda.errors import MsdaError, SchemaError, TableError, WeightsError  # noqa: E402
 from msda.network.model import DenseSM, DenseSME, MemberSpec, default_members  # noqa: E402
 from msda.schema import DEFAULT_SCHEMA, FeatureSchema, load_schema, table1  # noqa: E402
 from msda.tables import Samples, read_samples, write_samples  # noqa: E402
 from msda.weights import load_ensemble, save_ensemble  # noqa: E402
 from msda.predict import Prediction, predict  # noqa: E402
+from msda.runtime import configure_threads  # noqa: E402
+from msda.samples import build_samples  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -30,4 +38,6 @@ __all__ = [
     "save_ensemble",
     "Prediction",
     "predict",
+    "configure_threads",
+    "build_samples",
 ]

@@ -24,9 +24,13 @@ app.add_typer(weights_app, name="weights")
 app.add_typer(schema_app, name="schema")
 prepare_app = typer.Typer(help="Prepare samples from real sources (ISMN, ...).", no_args_is_help=True)
 app.add_typer(prepare_app, name="prepare")
+samples_app = typer.Typer(help="Build sample tables from your own raw tables.", no_args_is_help=True)
+app.add_typer(samples_app, name="samples")
 
 _state = {"debug": False}
 
+ThreadsOpt = typer.Option(0, "--threads", min=0, help="CPU threads (0: the free cores when the command starts; "
+                          "MSDA_THREADS or OMP_NUM_THREADS when set).")
 SchemaOpt = typer.Option(None, "--schema", help="Feature schema file (TOML/YAML/JSON); default: Table 1.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing --out that msda did not write (never an input).")
 _TRAIN, _LOSS = TrainSettings(), LossWeights()  # the defaults of every fit option
@@ -50,6 +54,12 @@ def _arch(path: Optional[Path]):
     from msda.network.spec import DEFAULT_ARCH, ArchSpec
 
     return DEFAULT_ARCH if path is None else ArchSpec.load(path)
+
+
+def _threads(threads: int) -> None:
+    from msda.runtime import configure_threads
+
+    configure_threads(threads)
 
 
 def _scheduler(address: Optional[str]) -> None:
@@ -83,10 +93,12 @@ def predict(
     no_clip: bool = typer.Option(False, "--no-clip", help="Keep the raw ensemble mean (default: clipped to [0, truth_max], flag 8)."),
     training_table: Optional[Path] = typer.Option(None, "--training-table", help="Sample table whose feature ranges flag extrapolated rows (flag 4)."),
     force: bool = ForceOpt,
+    threads: int = ThreadsOpt,
 ) -> None:
     """Predict soil moisture (m3/m3): ensemble mean (clipped to the physical range), member spread,
     per-member values and a flag per row (2: an input outside the schema's range, 4: outside the
     training table's, 8: the mean was clipped)."""
+    _threads(threads)
     from msda.mapping import training_ranges
     from msda.predict import predict_table
     from msda.weights import load_ensemble
@@ -108,9 +120,11 @@ def calibrate(
     samples: Path = typer.Option(..., "--samples", "-s", help="50 m samples of stations the weights did not train on."),
     level: float = typer.Option(0.9, "--level", help="Coverage of the interval, e.g. 0.9."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    threads: int = ThreadsOpt,
 ) -> None:
     """Fit a conformal scale of the member spread on held-out stations: predict and its
     sm_lo / sm_hi then cover the truth at --level (docs/formats.md)."""
+    _threads(threads)
     from msda.calibrate import calibrate_weights
 
     rec = calibrate_weights(weights, samples, level, device=device)
@@ -139,6 +153,38 @@ def validate(
                    "normalised to the schema's ranges (msda.schema: schema.normalise(schema.encode(frame)))")
 
 
+@samples_app.command("build")
+def samples_build(
+    raw: Path = typer.Option(..., "--raw", help="Raw table (.csv or .parquet): inputs in the schema's physical units, "
+                             "date, lat/lon (or r/c), the truth, station and network."),
+    schema: Path = typer.Option(..., "--schema", help="Feature schema file (TOML/YAML/JSON)."),
+    kind: str = typer.Option(..., "--kind", help="fine (50 m, in-situ truth) or coarse (9 km, SMAP truth)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Sample table to write (.parquet; .csv for the authors' layout)."),
+    truth: str = typer.Option("sm_m3m3", "--truth", help="Column of soil moisture in m3/m3."),
+    drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with a missing input and report the count."),
+    force: bool = ForceOpt,
+) -> None:
+    """Normalise and validate a raw table into a sample table (docs/formats.md, "Your own data")."""
+    import warnings
+
+    from msda.samples import build_samples, read_raw
+    from msda.tables import write_samples
+
+    if kind not in ("fine", "coarse"):
+        raise MsdaError(f"--kind is fine or coarse, got {kind!r}")
+    _out(out, "samples", raw, schema, force=force)
+    the_schema = _schema(schema)
+    frame = read_raw(raw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = build_samples(frame, the_schema, kind, truth=truth, drop_nan=drop_nan, source=str(raw))
+    write_samples(samples, out, force=force)
+    for w in caught:
+        typer.echo(f"warning: {w.message}")
+    _summary(samples)
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="Input table (.csv or .parquet)."),
@@ -153,7 +199,7 @@ def convert(
     from msda.tables import read_samples, write_samples
 
     _out(dst, "samples", src, schema, force=force)
-    s = read_samples(src, _kind(kind), _schema(schema), drop_nan, _networks(networks))
+    s = read_samples(src, _kind(kind), None if schema is None else _schema(schema), drop_nan, _networks(networks))
     write_samples(s, dst, force=force)
     _summary(s)
     typer.echo(f"wrote {dst}")
@@ -343,10 +389,12 @@ def pretrain(
     arch: Optional[Path] = ArchOpt,
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
     force: bool = ForceOpt,
+    threads: int = ThreadsOpt,
 ) -> None:
     """Train a DenseSM-E from scratch on a sample table: 9 km samples with SMAP truth (standing in
     for the authors' pretrained weights), or 50 m samples with in-situ truth when you have
     stations but no 9 km data (then adapt needs none either: --method finetune or da)."""
+    _threads(threads)
     from msda.adapt import pretrain as run_pretrain
     from msda.tables import read_samples
     from msda.transfer import TrainSettings
@@ -354,7 +402,7 @@ def pretrain(
     _out(out, "weights", samples, schema, arch, force=force)
     specs = _members(widths, depths)
     spec = _arch(arch)
-    coarse = read_samples(samples, None, _schema(schema), drop_nan)
+    coarse = read_samples(samples, None, None if schema is None else _schema(schema), drop_nan)
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
                              device=device, compile=compile, parts=parts)
     res = run_pretrain(coarse, out, settings, specs, force=force, arch=spec)
@@ -389,8 +437,10 @@ def adapt(
     parts: int = typer.Option(0, "--parts", min=0, help="Train the members in this many parts side by side (CPU threads); 0: automatic."),
     schema: Optional[Path] = SchemaOpt,
     force: bool = ForceOpt,
+    threads: int = ThreadsOpt,
 ) -> None:
     """Adapt a pretrained DenseSM-E to a network's 50 m grid (finetune, MS, DA or MSDA)."""
+    _threads(threads)
     from msda.adapt import adapt as run_adapt, read_station_list
     from msda.tables import read_samples
     from msda.transfer import TrainSettings
@@ -408,10 +458,10 @@ def adapt(
             beta_value = float(beta)
         except ValueError:
             raise MsdaError(f"--beta must be 'auto' or a number, got {beta!r}") from None
-    sch = _schema(schema)
+    ensemble = load_ensemble(weights)
+    sch = ensemble.schema if schema is None else _schema(schema)
     fine_s = read_samples(fine, "fine", sch)
     coarse_s = read_samples(coarse, "coarse", sch) if coarse is not None else None
-    ensemble = load_ensemble(weights)
     settings = TrainSettings(epochs=epochs, lr=lr, batch=batch, average_last=min(average_last, epochs), seed=seed,
                              device=device, compile=compile, parts=parts)
     res, metrics = run_adapt(ensemble, fine_s, coarse_s, network, chosen, method.lower(), out, settings,
@@ -453,8 +503,10 @@ def experiment(
     seed: int = typer.Option(0, help="Base seed of the station draws and fits."),
     device: str = typer.Option("auto", help="cpu, cuda or auto (on the workers)."),
     schema: Optional[Path] = SchemaOpt,
+    threads: int = ThreadsOpt,
 ) -> None:
     """Run the paper's evaluation: N x repeats x methods x alpha, statistics, figures, HTML report."""
+    _threads(threads)
     from msda.experiment import Inputs, Protocol, run_experiment
 
     _scheduler(scheduler)
@@ -683,8 +735,10 @@ def map_(
     seed: int = typer.Option(0, help="With --inputs demo: seed of the scene."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (GPU; on CPU the default C stage is faster)."),
     force: bool = ForceOpt,
+    threads: int = ThreadsOpt,
 ) -> None:
     """Map 50 m soil moisture: ensemble mean, member spread and a mask per date (Zarr, COG, PNG)."""
+    _threads(threads)
     from msda.mapping import make_map
 
     _scheduler(scheduler)
@@ -710,8 +764,10 @@ def demo(
     seed: int = typer.Option(0, help="Seed."),
     pretrain_epochs: int = typer.Option(2, min=1, help="Epochs of the quick 9 km pretraining."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address; 'inline': no Dask."),
+    threads: int = ThreadsOpt,
 ) -> None:
     """Run the main job on the embedded default data: benchmark, pretraining, quick experiment, report."""
+    _threads(threads)
     from msda.demo import run_demo
 
     _scheduler(scheduler)

@@ -262,7 +262,9 @@ def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress
 
         cluster = None
         if scheduler is None:
-            cores = os.cpu_count() or 1
+            import torch
+
+            cores = torch.get_num_threads()  # as configure_threads set it (--threads, or the free cores)
             n = workers or 1
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                                    silence_logs=logging.ERROR)

@@ -471,10 +471,20 @@ def _run_tasks(tasks: list, scheduler: str | None, workers: int | None, progress
                     results.append(fut.result())
                     bar.update()
             return results
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
     from tqdm.dask import TqdmCallback
 
-    with TqdmCallback(desc="map", unit=" blocks", disable=not progress, mininterval=bar_interval()):
-        return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+    # the cores are shared out: each local worker thread runs PyTorch on its own share of threads
+    per_worker = max(1, torch.get_num_threads() // (workers or 1))
+    pool = ThreadPoolExecutor(workers or 1, thread_name_prefix="msda-map", initializer=torch.set_num_threads,
+                              initargs=(per_worker,))
+    try:
+        with TqdmCallback(desc="map", unit=" blocks", disable=not progress, mininterval=bar_interval()):
+            return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=workers))
+    finally:
+        pool.shutdown()
 
 
 def make_map(

@@ -1,4 +1,12 @@
-"""Process settings that make CPU training and prediction fast, and memory flat.
+"""Process settings that make CPU training and prediction fast, and memory flat, on a machine
+shared with other work.
+
+Threads: PyTorch starts one OpenMP thread per core and its threads spin while they wait. On a
+machine other processes keep busy, a thread that loses its core stalls every parallel region
+of the others, and spinning threads take the cores from the threads doing work: one fit took
+10-30 x longer than with one thread. ``configure_threads`` takes the cores this process may use
+(affinity mask, cgroup CPU quota) less those other processes keep running, and OpenMP waits
+passively (``OMP_WAIT_POLICY``, set when ``msda`` is imported, before PyTorch loads OpenMP).
 
 PyTorch allocates each large activation with ``malloc``; glibc serves blocks above its mmap
 threshold (128 KiB by default, adapting up to 32 MiB) with fresh ``mmap`` pages and gives
@@ -12,7 +20,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
+import os
+import statistics
 import sys
+import time
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -168,3 +181,96 @@ def resolve_device(device):
     elif dev.type != "cpu":
         raise MsdaError(f"--device {str(device)!r}: msda runs on cpu, cuda or cuda:N")
     return dev
+
+
+# ----- threads -------------------------------------------------------------------------------
+THREADS_ENV = "MSDA_THREADS"  # a fixed thread count for every command, as --threads
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs the cgroup quota allows this process (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None
+    without a quota."""
+    candidates = [(Path("/sys/fs/cgroup/cpu.max"), None),
+                  (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")),
+                  (Path("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us"))]
+    for quota_file, period_file in candidates:
+        try:
+            if period_file is None:
+                quota, period = quota_file.read_text().split()[:2]
+            else:
+                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            q, p = float(quota), float(period)
+        except ValueError:
+            continue
+        return q / p if q > 0 and p > 0 else None
+    return None
+
+
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (a quota of
+    1.5 CPUs gives 1: a second thread would be throttled half the time)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def busy_cores(reads: int = 5, interval: float = 0.02) -> int:
+    """Threads of other processes running now: the median over a few reads of the kernel's count
+    of running threads (``procs_running``), less this one. 0 where /proc is absent."""
+    counts = []
+    for i in range(reads):
+        try:
+            with open("/proc/stat") as f:
+                running = next((int(line.split()[1]) for line in f if line.startswith("procs_running")), None)
+        except (OSError, ValueError):
+            return 0
+        if running is None:
+            return 0
+        counts.append(running - 1)
+        if i + 1 < reads:
+            time.sleep(interval)
+    return max(0, int(statistics.median(counts)))
+
+
+def default_threads() -> int:
+    """Threads for heavy work when none is asked for: the available cores less those other work
+    keeps busy, at least 1. Read once, when a command starts."""
+    cores = available_cores()
+    return max(1, cores - min(busy_cores(), cores))
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set PyTorch's threads for this process and return the count: ``threads`` if given (> 0),
+    else ``MSDA_THREADS`` or ``OMP_NUM_THREADS`` if set, else ``default_threads()``; never more
+    than the available cores unless asked for explicitly."""
+    import torch
+
+    from msda.errors import MsdaError
+
+    if threads is not None and threads < 0:
+        raise MsdaError(f"--threads must be >= 1 (0 or none: automatic), got {threads}")
+    if not threads:
+        for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+            value = os.environ.get(name, "").strip()
+            if value:
+                try:
+                    threads = int(value)
+                except ValueError:
+                    raise MsdaError(f"{name}={value!r}: a whole number of threads") from None
+                if threads < 1:
+                    raise MsdaError(f"{name}={value!r}: at least 1 thread")
+                break
+    n = threads or default_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

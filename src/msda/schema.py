@@ -129,8 +129,8 @@ class FeatureSchema:
             )
         if self.series and min(lengths) < 4:
             raise SchemaError(f"schema {self.name!r}: series need at least 4 steps, got {min(lengths)}")
-        if not self.series:
-            raise SchemaError(f"schema {self.name!r}: DenseSM needs at least one time series")
+        if not self.series and not self.scalars:
+            raise SchemaError(f"schema {self.name!r}: no inputs; give scalars, series or both")
         lo = [s.lo for s in self.scalars] + [s.lo for s in self.series for _ in range(s.length)]
         hi = [s.hi for s in self.scalars] + [s.hi for s in self.series for _ in range(s.length)]
         object.__setattr__(self, "_lo", np.asarray(lo, dtype=np.float64))
@@ -147,7 +147,8 @@ class FeatureSchema:
 
     @property
     def series_length(self) -> int:
-        return self.series[0].length
+        """Steps of every series (0 for a schema of scalars only)."""
+        return self.series[0].length if self.series else 0
 
     @property
     def n_features(self) -> int:

@@ -94,7 +94,7 @@ class Samples:
 def read_samples(
     path: str | Path,
     kind: Kind | None = None,
-    schema: FeatureSchema | None = DEFAULT_SCHEMA,
+    schema: FeatureSchema | None = None,
     drop_nan: bool = False,
     networks: Sequence[str] | None = None,
 ) -> Samples:

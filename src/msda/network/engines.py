@@ -1,6 +1,7 @@
 """One dispatcher per mode: the fastest engine that covers an ensemble's architecture.
 
-Every engine class answers ``covers(arch, mode)`` for ``mode`` "train" or "infer"; the engines are
+Every engine class answers ``covers(arch, mode, n_series)`` for ``mode`` "train" or "infer" (and
+the schema's series count: the fast engines need series); the engines are
 tried fastest first and the reference modules, which cover every ``ArchSpec``, come last. Nothing
 runs an architecture it does not cover.
 """
@@ -23,7 +24,7 @@ def engine_class(ensemble: DenseSME, mode: str) -> type:
     if mode not in ("train", "infer"):
         raise ValueError(f"mode is 'train' or 'infer', got {mode!r}")
     for engine in TRAINERS if mode == "train" else PREDICTORS:
-        if engine.covers(ensemble.arch, mode):
+        if engine.covers(ensemble.arch, mode, ensemble.schema.n_series):
             return engine
     raise AssertionError("the reference engines cover every architecture")
 

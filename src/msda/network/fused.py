@@ -146,10 +146,10 @@ class FusedEnsemble:
         self.native = self._native_stage(native, compile)
 
     @staticmethod
-    def covers(arch: ArchSpec, mode: str) -> bool:
-        """Inference of the default spec only (its stages are written for three convolutions,
-        poolings of 2, 2 and 4 and dense blocks of three layers)."""
-        return mode == "infer" and arch.is_default
+    def covers(arch: ArchSpec, mode: str, n_series: int = 1) -> bool:
+        """Inference of the default spec with series (its stages are written for three
+        convolutions, poolings of 2, 2 and 4 and dense blocks of three layers)."""
+        return mode == "infer" and arch.is_default and n_series > 0
 
     def _native_stage(self, wanted: bool | None, compile: bool) -> native.ConvStage | None:
         if wanted is False or (wanted is None and (compile or self.device.type != "cpu")):

@@ -92,7 +92,8 @@ class Bottleneck(nn.Module):
 
 
 class DenseSM(nn.Module):
-    """One member: ``depth`` dense blocks of ``width`` on scalars, series means and conv features.
+    """One member: ``depth`` dense blocks of ``width`` on scalars, series means and conv features
+    (scalars only for a schema without series).
 
     Input: normalised features in schema order, shape (batch, schema.n_features).
     """
@@ -103,7 +104,8 @@ class DenseSM(nn.Module):
         self.depth, self.width, self.schema, self.arch = depth, width, schema, arch
         self.n_scalars, self.n_series, self.length = schema.n_scalars, schema.n_series, schema.series_length
         self.n_in = n_dense_inputs(schema, arch)
-        self.conv_block = ConvBlock(self.n_series, arch)
+        # a schema of scalars only has no temporal branch (and no conv_block in its state dict)
+        self.conv_block = ConvBlock(self.n_series, arch) if self.n_series else None
         self.norm = nn.BatchNorm1d(self.n_in)
         self.dense_layers = nn.Sequential(*[DenseBlock(self.n_in + k * width, width, arch.block_layers)
                                             for k in range(depth)])
@@ -117,8 +119,11 @@ class DenseSM(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The bottleneck features (32 by default) used by the domain loss (METHOD.md section 4)."""
         scalars = x[:, : self.n_scalars]
-        series = x[:, self.n_scalars :].reshape(x.shape[0], self.n_series, self.length)
-        h = torch.cat((scalars, series.mean(dim=2), self.conv_block(series)), dim=1)
+        if self.conv_block is None:
+            h = scalars
+        else:
+            series = x[:, self.n_scalars :].reshape(x.shape[0], self.n_series, self.length)
+            h = torch.cat((scalars, series.mean(dim=2), self.conv_block(series)), dim=1)
         return self.fc_layers(self.dense_layers(self.norm(h)))
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
@@ -132,7 +137,9 @@ def n_dense_inputs(schema: FeatureSchema, arch: ArchSpec = DEFAULT_ARCH) -> int:
     series too short for the poolings."""
     if schema.n_series and arch.pooled_length(schema.series_length) < 1:
         raise WeightsError(f"series of length {schema.series_length} are too short for poolings {list(arch.pools)}")
-    return schema.n_scalars + schema.n_series + arch.conv_features(max(schema.series_length, 1))
+    if not schema.n_series:
+        return schema.n_scalars
+    return schema.n_scalars + schema.n_series + arch.conv_features(schema.series_length)
 
 
 def member_name(depth: int, width: int) -> str:

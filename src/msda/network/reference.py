@@ -53,7 +53,7 @@ class ReferenceParted(nn.Module):
             self.to(device)
 
     @staticmethod
-    def covers(arch: ArchSpec, mode: str) -> bool:
+    def covers(arch: ArchSpec, mode: str, n_series: int = 1) -> bool:
         return mode == "train"
 
     def forward(self, x: torch.Tensor, internal_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,7 @@ class ReferenceEngine:
         self.native = None
 
     @staticmethod
-    def covers(arch: ArchSpec, mode: str) -> bool:
+    def covers(arch: ArchSpec, mode: str, n_series: int = 1) -> bool:
         return mode == "infer"
 
     @torch.inference_mode()

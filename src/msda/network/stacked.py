@@ -306,10 +306,10 @@ class PartedEnsemble(nn.Module):
         self.inverse = [self.order.index(i) for i in range(len(specs))]
 
     @staticmethod
-    def covers(arch: ArchSpec, mode: str) -> bool:
-        """Training of the default spec only (its convolution stage, fair-coin dropout and C
-        kernels are written for it)."""
-        return mode == "train" and arch.is_default
+    def covers(arch: ArchSpec, mode: str, n_series: int = 1) -> bool:
+        """Training of the default spec with series (its convolution stage, fair-coin dropout and
+        C kernels are written for it)."""
+        return mode == "train" and arch.is_default and n_series > 0
 
     @classmethod
     def from_ensemble(cls, ensemble: DenseSME, parts: int = 1, seed: int | None = None,

@@ -1,0 +1,150 @@
+"""Raw tables to sample tables (msda samples build, msda.build_samples) and on to weights,
+calibrated predictions: the path of a user with a CSV of their own stations, no series, no 9 km data."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from msda import build_samples
+from msda.cli import app
+from msda.errors import TableError
+from msda.grids import GRID_9KM
+from msda.schema import load_schema
+from msda.tables import read_samples
+
+SCHEMA = """name = "own_stations"
+description = "Sentinel-1 VV, NDVI, precipitation and terrain at in-situ stations; no series"
+[[scalars]]
+name = "vv"
+units = "dB"
+lo = -30
+hi = 5
+[[scalars]]
+name = "ndvi"
+lo = -0.2
+hi = 1
+[[scalars]]
+name = "precip_7d"
+units = "mm"
+lo = 0
+hi = 200
+[[scalars]]
+name = "elevation"
+units = "m"
+lo = 0
+hi = 4000
+[[scalars]]
+name = "doy_sin"
+lo = -1
+hi = 1
+encoding = {source = "doy", func = "sin", period = 365}
+[[scalars]]
+name = "doy_cos"
+lo = -1
+hi = 1
+encoding = {source = "doy", func = "cos", period = 365}
+[[scalars]]
+name = "row"
+lo = 0
+hi = 1
+encoding = {source = "row_9km", func = "ratio", period = 1624}
+"""
+
+
+def raw_table(n_stations: int = 12, per_station: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Stations with a soil moisture that VV, NDVI and rain explain (plus noise), in raw units."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n_stations):
+        lat, lon, elev = rng.uniform(32, 45), rng.uniform(-110, -85), rng.uniform(100, 1500)
+        dates = pd.Timestamp("2019-01-05") + pd.to_timedelta(np.sort(rng.choice(700, per_station, replace=False)), "D")
+        rain = rng.gamma(0.6, 15, per_station)
+        ndvi = 0.3 + 0.3 * np.sin(2 * np.pi * (dates.day_of_year - 100) / 365) + rng.normal(0, 0.05, per_station)
+        sm = np.clip(0.05 + 0.003 * rain + 0.15 * ndvi + rng.normal(0, 0.01, per_station), 0.02, 0.5)
+        vv = -18 + 35 * (sm - 0.2) + 4 * ndvi + rng.normal(0, 1.0, per_station)
+        rows.append(pd.DataFrame({"station": f"S{k:02d}", "network": "MINE", "date": dates.strftime("%Y-%m-%d"),
+                                  "lat": lat, "lon": lon, "vv": vv, "ndvi": ndvi, "precip_7d": rain,
+                                  "elevation": elev, "sm": sm, "lc": 10}))
+    return pd.concat(rows, ignore_index=True)
+
+
+@pytest.fixture
+def schema_file(tmp_path):
+    path = tmp_path / "own.toml"
+    path.write_text(SCHEMA)
+    return path
+
+
+def test_build_samples_derives_and_normalises(schema_file):
+    schema = load_schema(schema_file)
+    raw = raw_table()
+    s = build_samples(raw, schema, "fine", truth="sm")
+    f = s.frame
+    assert len(s) == len(raw) and s.schema.n_series == 0
+    r, c = GRID_9KM.lonlat_to_rowcol(raw["lon"].to_numpy(), raw["lat"].to_numpy())
+    assert (f["r"].to_numpy() == r).all() and (f["c"].to_numpy() == c).all()
+    np.testing.assert_allclose(f["vv"], (raw["vv"].clip(-30, 5) + 30) / 35, rtol=1e-6)
+    doy = pd.to_datetime(raw["date"]).dt.day_of_year
+    np.testing.assert_allclose(f["doy_sin"], (np.sin(2 * np.pi * doy / 365) + 1) / 2, atol=1e-6)
+    np.testing.assert_allclose(f["row"], r / 1624, atol=1e-6)
+    assert (f["sm_m3m3"].to_numpy() == raw["sm"].to_numpy()).all()
+    assert {"lat", "lon", "lc"} <= set(f.columns) and "sm" not in f.columns  # passed through; truth renamed
+
+
+def test_build_samples_errors_name_the_problem(schema_file):
+    schema = load_schema(schema_file)
+    raw = raw_table(2, 5)
+    with pytest.raises(TableError, match="divide percent values by 100"):
+        build_samples(raw.assign(sm=raw["sm"] * 100), schema, "fine", truth="sm")
+    with pytest.raises(TableError, match="no truth column 'soil'"):
+        build_samples(raw, schema, "fine", truth="soil")
+    with pytest.raises(TableError, match="lack column 'precip_7d'"):
+        build_samples(raw.drop(columns="precip_7d"), schema, "fine", truth="sm")
+    with pytest.raises(TableError, match="no location"):
+        build_samples(raw.drop(columns=["lat", "lon"]), schema, "fine", truth="sm")
+    with pytest.raises(TableError, match="no valid lat / lon"):
+        build_samples(raw.assign(lat=np.r_[95.0, raw["lat"].to_numpy()[1:]]), schema, "fine", truth="sm")
+    with pytest.raises(TableError, match="'station' column"):
+        build_samples(raw.drop(columns="station"), schema, "fine", truth="sm")
+    with pytest.warns(UserWarning, match=r"vv \(1 rows outside \[-30, 5\]\)"):
+        build_samples(raw.assign(vv=np.r_[12.0, raw["vv"].to_numpy()[1:]]), schema, "fine", truth="sm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_samples(raw, schema, "fine", truth="sm")  # nothing outside: no warning
+
+
+def test_own_csv_to_calibrated_predictions(tmp_path, schema_file):
+    """The documented path (docs/formats.md): raw CSV -> samples -> pretrain on 50 m labels ->
+    calibrate on held-out stations -> predict with intervals."""
+    raw = raw_table(n_stations=12, per_station=40)
+    train = raw[raw["station"] < "S06"]
+    held = raw[(raw["station"] >= "S06") & (raw["station"] < "S09")]
+    test = raw[raw["station"] >= "S09"]
+    for name, part in (("train", train), ("held", held), ("test", test)):
+        part.to_csv(tmp_path / f"{name}.csv", index=False)
+    run = CliRunner().invoke
+    for name in ("train", "held", "test"):
+        r = run(app, ["samples", "build", "--raw", str(tmp_path / f"{name}.csv"), "--schema", str(schema_file),
+                      "--kind", "fine", "--truth", "sm", "--out", str(tmp_path / f"{name}.parquet")])
+        assert r.exit_code == 0, r.output
+        assert "6 stations" in r.output or "3 stations" in r.output or "stations: " in r.output
+    assert read_samples(tmp_path / "train.parquet").schema.name == "own_stations"
+    r = run(app, ["pretrain", "--samples", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "w"),
+                  "--epochs", "40", "--lr", "3e-3", "--batch", "32", "--average-last", "5", "--widths", "16", "--depths", "1,2",
+                  "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["calibrate", "--weights", str(tmp_path / "w"), "--samples", str(tmp_path / "held.parquet")])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["predict", "--weights", str(tmp_path / "w"), "--samples", str(tmp_path / "test.parquet"),
+                  "--out", str(tmp_path / "pred.parquet"), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    pred = pd.read_parquet(tmp_path / "pred.parquet")
+    assert {"sm_pred", "sm_lo", "sm_hi"} <= set(pred.columns)
+    truth = test["sm"].to_numpy()
+    rmse = float(np.sqrt(np.mean((pred["sm_pred"].to_numpy() - truth) ** 2)))
+    assert rmse < np.std(truth)  # better than the climatology of the test stations
+    covered = np.mean((truth >= pred["sm_lo"]) & (truth <= pred["sm_hi"]))
+    assert covered > 0.6
