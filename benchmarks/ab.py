@@ -4,6 +4,9 @@ This machine's speed moves by up to 2x within minutes (memory-bound code most), 
 only trustworthy when the old and the new code run in turns in the same process. This loads the
 package as it is at ``--against`` (default HEAD) next to the working tree's, and times in turns:
 
+Each side runs as its dispatcher would: the working tree's C kernels only where it measured them
+faster than PyTorch on this CPU (``prefer_native``); older revisions used them on every CPU.
+
 - ``step``: one training step of the 25-member stacked ensemble (3 streams of 128 samples,
   forward, a loss on outputs and features, backward, Adam), in ms;
 - ``predict``: the fused predictor on 4096 random samples, in samples/s.
@@ -59,8 +62,9 @@ def engine_module(package: str, kind: str):
     raise SystemExit(f"no {kind} engine in {package}")
 
 
-def step_fn(stacked_module, ensemble: DenseSME, x: torch.Tensor):
+def step_fn(stacked_module, ensemble: DenseSME, x: torch.Tensor, native: bool | None = None):
     stacked = stacked_module.StackedEnsemble.from_ensemble(ensemble).train()
+    stacked.native = native
     opt = torch.optim.Adam(stacked.parameters(), lr=5e-4, fused=True)  # as transfer.fit
 
     def step() -> None:
@@ -71,6 +75,16 @@ def step_fn(stacked_module, ensemble: DenseSME, x: torch.Tensor):
         opt.step()
 
     return step
+
+
+def new_native(mode: str) -> bool | None:
+    """The working tree's choice of C kernels (None: use them) or PyTorch (False), as its dispatcher
+    makes it (``msda.network.engines.prefer_native``, where it exists)."""
+    try:
+        from msda.network.engines import prefer_native
+    except ImportError:
+        return None
+    return None if prefer_native(mode) else False
 
 
 def main() -> None:
@@ -89,7 +103,7 @@ def main() -> None:
         if "step" in what:
             x = torch.rand(384, DEFAULT_SCHEMA.n_features)
             fns = {"old": step_fn(engine_module("msda_at_rev", "stacked"), ensemble, x),
-                   "new": step_fn(engine_module("msda", "stacked"), ensemble, x)}
+                   "new": step_fn(engine_module("msda", "stacked"), ensemble, x, new_native("train"))}
             times = {k: [] for k in fns}
             for _ in range(args.repeats):
                 for k, fn in fns.items():

@@ -257,3 +257,29 @@ def test_encoded_features_may_be_given_directly(mapped, scene, weights, tmp_path
     make_map(weights, cube, tmp_path / "m", chunks=32, progress=False, cog=False, previews=False)
     np.testing.assert_allclose(open_zarr(tmp_path / "m" / "maps.zarr")["sm_mean"].values,
                                open_zarr(out / "maps.zarr")["sm_mean"].values, atol=1e-5)
+
+
+def test_calibrated_weights_map_their_interval(mapped, weights, cube, tmp_path):
+    """Weights with a conformal scale (msda calibrate) add sm_lo and sm_hi: mean -+ scale x spread,
+    clipped to [0, truth_max], in the store and as GeoTIFFs."""
+    import json
+    import shutil
+
+    from msda.weights import MANIFEST, read_manifest
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(weights, calibrated)
+    manifest = read_manifest(calibrated)
+    manifest["calibration"] = {"level": 0.9, "scale": 1.7, "floor": 0.005}
+    (calibrated / MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "m"
+    make_map(calibrated, cube, out, chunks=32, progress=False, previews=False)
+    ds = open_zarr(out / "maps.zarr")
+    mean, std, lo, hi = (ds[v].values for v in ("sm_mean", "sm_std", "sm_lo", "sm_hi"))
+    half = 1.7 * np.maximum(std, 0.005)
+    ok = ~np.isnan(mean)
+    np.testing.assert_allclose(lo[ok], np.clip(mean - half, 0, 0.6)[ok], atol=1e-6)
+    np.testing.assert_allclose(hi[ok], np.clip(mean + half, 0, 0.6)[ok], atol=1e-6)
+    assert np.isnan(lo[~ok]).all() and "90%" in ds["sm_lo"].attrs["long_name"]
+    assert sorted(p.name.split("_20")[0] for p in out.glob("sm_lo_*.tif")) == ["sm_lo"] * ds.sizes["time"]
+    assert "sm_lo" not in open_zarr(mapped[0] / "maps.zarr").variables  # uncalibrated: no interval

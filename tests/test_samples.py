@@ -148,3 +148,35 @@ def test_own_csv_to_calibrated_predictions(tmp_path, schema_file):
     assert rmse < np.std(truth)  # better than the climatology of the test stations
     covered = np.mean((truth >= pred["sm_lo"]) & (truth <= pred["sm_hi"]))
     assert covered > 0.6
+    # and a map: the schema's inputs as GeoTIFFs on the EASE-2 50 m grid, a calibrated interval
+    stack = _own_stack(tmp_path / "stack")
+    r = run(app, ["map", "--weights", str(tmp_path / "w"), "--inputs", str(stack), "--out", str(tmp_path / "maps"),
+                  "--threads", "1", "--no-preview"])
+    assert r.exit_code == 0, r.output
+    from msda.mapping import open_zarr
+
+    ds = open_zarr(tmp_path / "maps" / "maps.zarr")
+    mean, lo, hi = (ds[v].values for v in ("sm_mean", "sm_lo", "sm_hi"))
+    assert mean.shape == (2, 30, 40) and np.isfinite(mean).all() and (lo <= mean).all() and (mean <= hi).all()
+    assert 0.0 <= mean.min() and mean.max() <= 0.6
+
+
+def _own_stack(folder):
+    """vv, ndvi and precip_7d on two dates and a static elevation, 30 x 40 pixels near 38 N 98 W."""
+    import xarray as xr
+
+    from msda.grids import GRID_50M
+    from msda.simulate.scene import to_geotiffs
+
+    rng = np.random.default_rng(1)
+    row0, col0 = GRID_50M.lonlat_to_rowcol(-98.2, 38.5)
+    x, _ = GRID_50M.center(np.full(40, row0), col0 + np.arange(40))
+    _, y = GRID_50M.center(row0 + np.arange(30), np.full(30, col0))
+    shape = (2, 30, 40)
+    ds = xr.Dataset(
+        {"vv": (("time", "y", "x"), rng.uniform(-20, -8, shape)), "ndvi": (("time", "y", "x"), rng.uniform(0.2, 0.7, shape)),
+         "precip_7d": (("time", "y", "x"), rng.gamma(0.6, 15, shape)), "elevation": (("y", "x"), rng.uniform(400, 600, shape[1:]))},
+        coords={"time": pd.to_datetime(["2019-05-01", "2019-05-13"]), "y": y, "x": x})
+    folder.mkdir()
+    to_geotiffs(ds, folder)
+    return folder

@@ -311,7 +311,8 @@ def _engine(weights: str, device: str, compile: bool = False):
     from msda.weights import load_ensemble
 
     ensemble = load_ensemble(weights)
-    return inference_engine(ensemble.eval(), resolve_device(device), compile=compile), ensemble.schema
+    engine = inference_engine(ensemble.eval(), resolve_device(device), compile=compile)
+    return engine, ensemble.schema, getattr(ensemble, "calibration", None)
 
 
 def block_features(stack: Stack, schema: FeatureSchema, t: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -349,8 +350,10 @@ def map_block(
 
     from msda.predict import predict
 
+    from msda.calibrate import interval
+
     start = time.perf_counter()
-    engine, schema = _engine(weights, device, compile)
+    engine, schema, calibration = _engine(weights, device, compile)
     t_read = time.perf_counter()
     z = block_features(stack, schema, t, y0, y1, x0, x1)
     z -= schema.lo.astype(np.float32)
@@ -370,6 +373,7 @@ def map_block(
             mask[outside] |= OUT_OF_TRAINING
     mean = np.full(len(z), np.nan, np.float32)
     std = np.full(len(z), np.nan, np.float32)
+    low = high = None
     ok = ~nodata
     t_wait = time.perf_counter()
     with _PREDICT_LOCK, torch.inference_mode():
@@ -380,6 +384,8 @@ def map_block(
                 pred, clipped = pred.bounded(schema.truth_max)
                 mask[ok] |= clipped
             mean[ok], std[ok] = pred.mean, pred.std
+    if calibration is not None:  # the conformal interval of msda calibrate
+        low, high = interval(mean, std, calibration, hi=schema.truth_max if clip else None)
     t_write = time.perf_counter()
     del z, zc
     shape = (y1 - y0, x1 - x0)
@@ -387,6 +393,9 @@ def map_block(
     group["sm_mean"][t, y0:y1, x0:x1] = mean.reshape(shape)
     group["sm_std"][t, y0:y1, x0:x1] = std.reshape(shape)
     group["mask"][t, y0:y1, x0:x1] = mask.reshape(shape)
+    if low is not None:
+        group["sm_lo"][t, y0:y1, x0:x1] = low.reshape(shape)
+        group["sm_hi"][t, y0:y1, x0:x1] = high.reshape(shape)
     release_memory()
     return {
         "t": t, "pixels": len(mean), "predicted": int(ok.sum()), "nodata": int(nodata.sum()),
@@ -427,7 +436,12 @@ def blocks(stack: Stack, chunks: int) -> list[tuple[int, int, int, int, int]]:
     ]
 
 
-def _init_store(stack: Stack, store: Path, chunks: int, attrs: dict) -> None:
+def map_variables(ds) -> list[str]:
+    """The output variables of a map store: mean, spread, mask, and the interval when calibrated."""
+    return [v for v in ("sm_mean", "sm_std", "mask", "sm_lo", "sm_hi") if v in ds.variables]
+
+
+def _init_store(stack: Stack, store: Path, chunks: int, attrs: dict, calibration: dict | None = None) -> None:
     import dask.array as dsa
     import rioxarray  # noqa: F401
     import xarray as xr
@@ -447,8 +461,14 @@ def _init_store(stack: Stack, store: Path, chunks: int, attrs: dict) -> None:
         },
         coords={"time": pd.DatetimeIndex(stack.times), "y": y, "x": x},
         attrs={"msda": json.dumps(attrs, default=str)},
-    ).rio.write_crs(CRS)
-    for v in ("sm_mean", "sm_std", "mask"):
+    )
+    if calibration is not None:
+        level = calibration.get("level", 0.9)
+        for v, side in (("sm_lo", "lower"), ("sm_hi", "upper")):
+            ds[v] = (("time", "y", "x"), dsa.full(shape, np.nan, dtype=np.float32, chunks=ch),
+                     {"units": "m3/m3", "long_name": f"{side} bound of the {level:.0%} conformal interval"})
+    ds = ds.rio.write_crs(CRS)
+    for v in map_variables(ds):
         ds[v].encoding["chunks"] = ch  # beside rioxarray's grid_mapping, which links the CRS
     ds.to_zarr(store, mode="w", compute=False, consolidated=False)
 
@@ -524,7 +544,11 @@ def make_map(
     weights, out = str(Path(weights).resolve()), Path(out)
     _engine.cache_clear()  # weights rewritten since this process last loaded them
     # locally the tasks run in this process: load the ensemble once, for the schema and for them
-    schema = load_ensemble(weights).schema if scheduler else _engine(weights, device, compile)[1]
+    if scheduler:
+        ensemble = load_ensemble(weights)
+        schema, calibration = ensemble.schema, getattr(ensemble, "calibration", None)
+    else:
+        schema, calibration = _engine(weights, device, compile)[1:]
     demo = str(inputs) == "demo"
     if not demo:
         stack = open_stack(inputs, schema)
@@ -542,7 +566,7 @@ def make_map(
 
             stack = open_stack(write_scene(simulate_scene(**(scene or {})), tmp / "scene.zarr"), schema)
         store = tmp / "maps.zarr"
-        _init_store(stack, store, chunks, meta)
+        _init_store(stack, store, chunks, meta, calibration)
         task = dask.delayed(map_block, pure=False)
         jobs = [task(stack, weights, device, str(store), *b, ranges=ranges, compile=compile, clip=clip)
                 for b in blocks(stack, chunks)]
@@ -616,7 +640,7 @@ def write_cogs(store: Path, folder: Path, chunks: int = 256) -> list[Path]:
     written = []
     with rasterio.Env(GDAL_CACHEMAX=64):  # MB: GDAL's default (5 % of RAM) would grow with the map
         for t, day in enumerate(pd.DatetimeIndex(ds["time"].to_numpy())):
-            for var in ("sm_mean", "sm_std", "mask"):
+            for var in map_variables(ds):
                 written.append(_write_cog(ds, t, day, var, folder, chunks, transform))
     return written
 

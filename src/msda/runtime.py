@@ -5,8 +5,9 @@ Threads: PyTorch starts one OpenMP thread per core and its threads spin while th
 machine other processes keep busy, a thread that loses its core stalls every parallel region
 of the others, and spinning threads take the cores from the threads doing work: one fit took
 10-30 x longer than with one thread. ``configure_threads`` takes the cores this process may use
-(affinity mask, cgroup CPU quota) less those other processes keep running, and OpenMP waits
-passively (``OMP_WAIT_POLICY``, set when ``msda`` is imported, before PyTorch loads OpenMP).
+(affinity mask, cgroup CPU quota) less those other processes keep running; on such a machine
+OpenMP also waits passively (``OMP_WAIT_POLICY``, set when ``msda`` is imported, before PyTorch
+loads OpenMP; on an idle one spinning is the faster).
 
 PyTorch allocates each large activation with ``malloc``; glibc serves blocks above its mmap
 threshold (128 KiB by default, adapting up to 32 MiB) with fresh ``mmap`` pages and gives

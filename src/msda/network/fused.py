@@ -2,7 +2,8 @@
 after it. On CPU the convolution stage of all members runs in C, per sample and in cache
 (``native``); elsewhere, or without a C compiler, as three grouped convolutions. It computes the
 same function as ``DenseSME.eval()`` (tested to float32 rounding) with far fewer, larger
-operations. It covers the default ``ArchSpec`` (three convolutions pooled by 2, 2 and 4).
+operations. It covers the default ``ArchSpec`` (three convolutions pooled by 2, 2 and 4). Whether
+the C stage or PyTorch's is the faster depends on the CPU (``engines.prefer_native``).
 """
 
 from __future__ import annotations
