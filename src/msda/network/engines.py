@@ -78,10 +78,10 @@ def _time_train(use_c: bool) -> float:
     from msda.network.stacked import StackedEnsemble
 
     g = torch.Generator().manual_seed(0)
-    net = StackedEnsemble.from_ensemble(DenseSME(PROBE_MEMBERS, seed=0)).train()
+    net = StackedEnsemble.from_ensemble(DenseSME(PROBE_MEMBERS, seed=0).float()).float().train()
     net.native = use_c
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    x = torch.rand(384, 153, generator=g)
+    x = torch.rand(384, 153, generator=g, dtype=torch.float32)
     best = float("inf")
     for i in range(4):
         t0 = time.perf_counter()
@@ -97,8 +97,8 @@ def _time_train(use_c: bool) -> float:
 
 def _time_infer(use_c: bool) -> float:
     g = torch.Generator().manual_seed(0)
-    engine = FusedEnsemble(DenseSME(PROBE_MEMBERS, seed=0).eval(), native=use_c)
-    x = torch.rand(2048, 153, generator=g)
+    engine = FusedEnsemble(DenseSME(PROBE_MEMBERS, seed=0).float().eval(), native=use_c)
+    x = torch.rand(2048, 153, generator=g, dtype=torch.float32)
     best = float("inf")
     for i in range(4):
         t0 = time.perf_counter()
