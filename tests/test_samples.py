@@ -15,43 +15,14 @@ from msda.grids import GRID_9KM
 from msda.schema import load_schema
 from msda.tables import read_samples
 
-SCHEMA = """name = "own_stations"
-description = "Sentinel-1 VV, NDVI, precipitation and terrain at in-situ stations; no series"
-[[scalars]]
-name = "vv"
-units = "dB"
-lo = -30
-hi = 5
-[[scalars]]
-name = "ndvi"
-lo = -0.2
-hi = 1
-[[scalars]]
-name = "precip_7d"
-units = "mm"
-lo = 0
-hi = 200
-[[scalars]]
-name = "elevation"
-units = "m"
-lo = 0
-hi = 4000
-[[scalars]]
-name = "doy_sin"
-lo = -1
-hi = 1
-encoding = {source = "doy", func = "sin", period = 365}
-[[scalars]]
-name = "doy_cos"
-lo = -1
-hi = 1
-encoding = {source = "doy", func = "cos", period = 365}
-[[scalars]]
-name = "row"
-lo = 0
-hi = 1
-encoding = {source = "row_9km", func = "ratio", period = 1624}
-"""
+# the schema of the stations' inputs: (name, units, lo, hi, encoding source, func, period)
+INPUTS = [("vv", "dB", -30, 5, None), ("ndvi", "", -0.2, 1, None), ("precip_7d", "mm", 0, 200, None),
+          ("elevation", "m", 0, 4000, None), ("doy_sin", "", -1, 1, ("doy", "sin", 365)),
+          ("doy_cos", "", -1, 1, ("doy", "cos", 365)), ("row", "", 0, 1, ("row_9km", "ratio", 1624))]
+SCHEMA = 'name = "own_stations"\n' + "".join(
+    f'[[scalars]]\nname = "{n}"\nunits = "{u}"\nlo = {lo}\nhi = {hi}\n'
+    + (f'encoding = {{source = "{e[0]}", func = "{e[1]}", period = {e[2]}}}\n' if e else "")
+    for n, u, lo, hi, e in INPUTS)
 
 
 def raw_table(n_stations: int = 12, per_station: int = 40, seed: int = 0) -> pd.DataFrame:

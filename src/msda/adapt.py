@@ -109,35 +109,13 @@ def adapt(
         raise TransferError(f"method {method} learns from 9 km samples too: give the 9 km table (--coarse)")
     sources = (fine.source, None if coarse is None else coarse.source, getattr(ensemble, "source", None))
     check_output(out, "adaptation", sources, force)
-    if not ensemble.schema.same_layout(fine.schema):
-        raise TransferError(
-            f"the weights use schema {ensemble.schema.name!r} ({ensemble.schema.n_features} features) but "
-            f"{fine.source} uses {fine.schema.name!r} ({fine.schema.n_features} features)"
-        )
-    problem = adapt_problem(fine, coarse, network, stations, seed=settings.seed)
-    if problem.labeled.empty:
-        raise TransferError(f"no labeled samples for stations {problem.train_stations} in {fine.source}")
-    if problem.target.empty:
-        raise TransferError(f"network {network}: no target samples left in {fine.source}")
-    if weights.uses_9km and problem.coarse.empty:
-        raise TransferError(f"{coarse.source}: no 9 km samples in the cells of network {network}'s stations")  # type: ignore[union-attr]
-    out = Path(out)
+    problem = _adapt_problem(ensemble, fine, coarse, network, stations, weights, settings.seed)
     data = problem.fit_data()
     monitor = (data.x_target, torch.from_numpy(problem.target[TRUTH].to_numpy(np.float32, copy=True)))
     result = fit(ensemble, data, weights, settings, progress, description=method,
                  monitor=monitor if monitor_every else None, monitor_every=monitor_every)
-
-    x_target = problem.target[fine.schema.feature_names].to_numpy(np.float32)
-    device = result.device
-    before = predict(ensemble, x_target, device=device)
-    after = predict(result.ensemble, x_target, device=device)
-    ids = [c for c in ("network", "station", "r", "c", "date") if c in problem.target]
-    target = problem.target[ids + [TRUTH]].reset_index(drop=True)
-    target["pretrained"] = before.mean
-    target["adapted"] = after.mean
-    target["adapted_std"] = after.std
+    target = _target_predictions(ensemble, result, problem, fine)
     metrics = _metrics_table(target, {"pretrained": "pretrained", method: "adapted"})
-
     run = {
         "task": "adapt",
         "method": method,
@@ -154,6 +132,45 @@ def adapt(
         "weights_in": getattr(ensemble, "provenance", {}),
         **settings_dict(weights, settings),
     }
+    _write_adaptation(Path(out), sources, force, result, problem, network, method, metrics, target, run, figures)
+    return result, metrics
+
+
+def _adapt_problem(ensemble: DenseSME, fine: Samples, coarse: Samples | None, network: str, stations,
+                   weights: LossWeights, seed: int):
+    """The station draw and the three sample sets, or one TransferError naming what is missing."""
+    if not ensemble.schema.same_layout(fine.schema):
+        raise TransferError(
+            f"the weights use schema {ensemble.schema.name!r} ({ensemble.schema.n_features} features) but "
+            f"{fine.source} uses {fine.schema.name!r} ({fine.schema.n_features} features)"
+        )
+    problem = adapt_problem(fine, coarse, network, stations, seed=seed)
+    if problem.labeled.empty:
+        raise TransferError(f"no labeled samples for stations {problem.train_stations} in {fine.source}")
+    if problem.target.empty:
+        raise TransferError(f"network {network}: no target samples left in {fine.source}")
+    if weights.uses_9km and problem.coarse.empty:
+        raise TransferError(f"{coarse.source}: no 9 km samples in the cells of network {network}'s stations")  # type: ignore[union-attr]
+    return problem
+
+
+def _target_predictions(ensemble: DenseSME, result: FitResult, problem, fine: Samples) -> pd.DataFrame:
+    """The target samples with the pretrained and the adapted ensemble mean (and spread)."""
+    x_target = problem.target[fine.schema.feature_names].to_numpy(np.float32)
+    before = predict(ensemble, x_target, device=result.device)
+    after = predict(result.ensemble, x_target, device=result.device)
+    ids = [c for c in ("network", "station", "r", "c", "date") if c in problem.target]
+    target = problem.target[ids + [TRUTH]].reset_index(drop=True)
+    target["pretrained"] = before.mean
+    target["adapted"] = after.mean
+    target["adapted_std"] = after.std
+    return target
+
+
+def _write_adaptation(out: Path, sources, force: bool, result: FitResult, problem, network: str, method: str,
+                      metrics: pd.DataFrame, target: pd.DataFrame, run: dict, figures: bool) -> None:
+    """The output directory, whole or not at all: weights, stations, losses, metrics, target
+    predictions, run.json and figures."""
     info = provenance(**{k: v for k, v in run.items() if k != "weights_in"})
     with atomic_path(out, "adaptation", inputs=sources, force=force) as tmp:
         tmp.mkdir()
@@ -171,7 +188,6 @@ def adapt(
 
             loss_curves(pd.DataFrame(result.losses), tmp / "losses.png", title=f"{method} on {network}")
             target_scatter(target, tmp / "target_scatter.png", method)
-    return result, metrics
 
 
 def read_station_list(path: str | Path) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import json
+from dataclasses import dataclass
 import os
 import time
 from collections.abc import Iterator
@@ -351,83 +352,24 @@ def uncertainty(truth: np.ndarray, pred: np.ndarray, spread: np.ndarray, calibra
 
 
 def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks: list[Task]) -> dict[str, pd.DataFrame]:
-    """Score every finished task; write and return the result tables (``results/*.parquet``)."""
-    frame = fine.frame
-    truth = frame[TRUTH].to_numpy(np.float64)
-    st = station_table(fine)
-    station_code = pd.Categorical(frame["station"].astype(str), categories=st["station"]).codes
-    networks = sorted(frame["network"].astype(str).unique())
-    net_code = pd.Categorical(frame["network"].astype(str), categories=networks).codes
-    in_net = (frame["network"].astype(str) == protocol.network).to_numpy()
-    st_net = st["network"].astype(str).to_numpy()
-
-    preds: dict[str, np.ndarray] = {}
-    spreads: dict[str, np.ndarray] = {}
-    metas: dict[str, dict] = {}
-    done: dict[str, Task] = {}
-    for t in tasks:  # an unreadable task file counts as not done: msda experiment redoes it
-        path = out / "tasks" / f"{t.key}.parquet"
-        if path.exists():
-            try:
-                metas[t.key], preds[t.key] = read_task(path)
-                spreads[t.key] = read_spread(path)
-            except ExperimentError:
-                continue
-            if len(preds[t.key]) != len(frame):
-                raise ExperimentError(f"{path}: {len(preds[t.key])} predictions for a fine table of {len(frame)} rows; "
-                                      "the table changed since this fit")
-            done[t.key] = t
-    draws = {(m["n"], m["repeat"]): m["train_stations"] for m in metas.values() if m["method"] != "pretrained"}
-    for n in protocol.ns:  # pretrained is scored on every draw, including draws whose fits are pending
-        for rep in range(protocol.repeats):
-            if (n, rep) not in draws:
-                from msda.transfer import adapt_problem
-
-                draws[(n, rep)] = adapt_problem(fine, coarse, protocol.network, n, protocol.station_seed(n, rep)).train_stations
-
+    """Score every finished task; write and return the result tables (``results/*.parquet``).
+    Stages: the finished tasks' predictions, the station draw of every (N, repeat), the scores of
+    each task on each of its draws, the summary tables."""
+    metas, preds, spreads, done = _finished_tasks(out, tasks, len(fine.frame))
+    draws = _draws(metas, fine, coarse, protocol)
     # pretrained is paired with the fits: scored on the draws that have one (all when none has)
     fitted = sorted({(m["n"], m["repeat"]) for m in metas.values() if m["method"] != "pretrained"})
     pretrained_draws = fitted or sorted(draws)
+    scoring = _Scoring.of(fine, protocol)
     runs, stations, nets, regions = [], [], [], []
     for key, task in done.items():
-        meta, pred = metas[key], preds[key]
-        pairs = pretrained_draws if task.method == "pretrained" else [(task.n, task.repeat)]
-        for n, rep in pairs:
-            train = set(draws[(n, rep)])
-            is_train_st = st["station"].isin(train).to_numpy()
-            row_train = is_train_st[station_code]
-            trans = in_net & ~row_train
-            ind = ~in_net
-            head = {"n": n, "repeat": rep, "method": task.method, "alpha": task.alpha,
-                    "variant": task.variant, "train_stations": json.dumps(sorted(train))}
-            pooled = grouped_scores(np.where(trans, 0, np.where(ind, 1, -1)), truth, pred, 2)
-            per_st = grouped_scores(np.where(row_train, -1, station_code), truth, pred, len(st)).rename(columns=SAMPLES)
-            per_st["station"], per_st["network"] = st["station"], st_net
-            per_st["lon"], per_st["lat"] = st["lon"], st["lat"]
-            per_st = per_st[~is_train_st & (per_st["samples"] > 0)]
-            st_mean = per_st[per_st["network"] == protocol.network][["bias", "r", "rmse", "ubrmse"]].mean()
-            runs.append({
-                **head,
-                "samples": int(pooled.loc[0, "n"]), **{m: pooled.loc[0, m] for m in METRICS[1:]},
-                **{f"station_{m}": st_mean[m] for m in ("bias", "r", "rmse", "ubrmse")},
-                "inductive_samples": int(pooled.loc[1, "n"]), **{f"inductive_{m}": pooled.loc[1, m] for m in METRICS[1:]},
-                **uncertainty(truth, pred, spreads[key], calibrate_on=ind, score_on=trans),
-                "seconds": meta.get("seconds"), "fit_seconds": meta.get("fit_seconds"),
-                "station_seed": protocol.station_seed(n, rep),
-            })
-            stations.append(per_st.assign(**head))
-            pn = grouped_scores(np.where(row_train, -1, net_code), truth, pred, len(networks)).rename(columns=SAMPLES)
-            pn.insert(0, "network", networks)
-            nets.append(pn.assign(**head))
-            for col, strip in (("lon", "lon_strip"), ("lat", "lat_strip")):
-                codes = st[strip].to_numpy()[station_code]
-                ps = grouped_scores(np.where(row_train, -1, codes), truth, pred, N_STRIPS).rename(columns=SAMPLES)
-                bounds = _strip_bounds(st, col, strip)
-                ps.insert(0, "strip", np.arange(N_STRIPS))
-                ps.insert(0, "kind", "longitude" if col == "lon" else "latitude")
-                ps.insert(2, "range", [bounds.get(i, "") for i in range(N_STRIPS)])
-                regions.append(ps.assign(**head))
-
+        for n, rep in pretrained_draws if task.method == "pretrained" else [(task.n, task.repeat)]:
+            run, per_st, per_net, per_strip = scoring.score(task, n, rep, draws[(n, rep)], preds[key], spreads[key],
+                                                            metas[key], protocol)
+            runs.append(run)
+            stations.append(per_st)
+            nets.append(per_net)
+            regions.extend(per_strip)
     tables = {
         "runs": pd.DataFrame(runs),
         "stations": pd.concat(stations, ignore_index=True) if stations else pd.DataFrame(),
@@ -437,13 +379,109 @@ def analyse(out: Path, fine: Samples, coarse: Samples, protocol: Protocol, tasks
     tables["median"] = median_runs(tables["runs"])
     tables["ttests"] = paired_tests(tables["runs"])
     tables["alpha"] = alpha_table(tables["runs"])
-    tables["station_info"] = st
+    tables["station_info"] = scoring.st
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         with atomic_path(results / f"{name}.parquet") as tmp:
             table.to_parquet(tmp, index=False)
     return tables
+
+
+def _finished_tasks(out: Path, tasks: list[Task], n_rows: int):
+    """The finished tasks' records, predictions and spreads by key, and the tasks themselves.
+    An unreadable task file counts as not done: msda experiment redoes it."""
+    preds: dict[str, np.ndarray] = {}
+    spreads: dict[str, np.ndarray] = {}
+    metas: dict[str, dict] = {}
+    done: dict[str, Task] = {}
+    for t in tasks:
+        path = out / "tasks" / f"{t.key}.parquet"
+        if path.exists():
+            try:
+                metas[t.key], preds[t.key] = read_task(path)
+                spreads[t.key] = read_spread(path)
+            except ExperimentError:
+                continue
+            if len(preds[t.key]) != n_rows:
+                raise ExperimentError(f"{path}: {len(preds[t.key])} predictions for a fine table of {n_rows} rows; "
+                                      "the table changed since this fit")
+            done[t.key] = t
+    return metas, preds, spreads, done
+
+
+def _draws(metas: dict, fine: Samples, coarse: Samples, protocol: Protocol) -> dict:
+    """The training stations of every (N, repeat): from the finished fits, else drawn again (the
+    pretrained ensemble is scored on every draw, including draws whose fits are pending)."""
+    draws = {(m["n"], m["repeat"]): m["train_stations"] for m in metas.values() if m["method"] != "pretrained"}
+    for n in protocol.ns:
+        for rep in range(protocol.repeats):
+            if (n, rep) not in draws:
+                from msda.transfer import adapt_problem
+
+                draws[(n, rep)] = adapt_problem(fine, coarse, protocol.network, n, protocol.station_seed(n, rep)).train_stations
+    return draws
+
+
+@dataclass
+class _Scoring:
+    """The fine table's truth and groupings (stations, networks, strips), for scoring runs."""
+
+    truth: np.ndarray
+    st: pd.DataFrame
+    station_code: np.ndarray
+    networks: list[str]
+    net_code: np.ndarray
+    in_net: np.ndarray
+
+    @classmethod
+    def of(cls, fine: Samples, protocol: Protocol) -> "_Scoring":
+        frame = fine.frame
+        st = station_table(fine)
+        networks = sorted(frame["network"].astype(str).unique())
+        return cls(frame[TRUTH].to_numpy(np.float64), st,
+                   pd.Categorical(frame["station"].astype(str), categories=st["station"]).codes, networks,
+                   pd.Categorical(frame["network"].astype(str), categories=networks).codes,
+                   (frame["network"].astype(str) == protocol.network).to_numpy())
+
+    def score(self, task: Task, n: int, rep: int, train_stations, pred: np.ndarray, spread: np.ndarray, meta: dict,
+              protocol: Protocol):
+        """One task on one draw: its run row, and its per-station, per-network and per-strip scores."""
+        st, truth, station_code = self.st, self.truth, self.station_code
+        train = set(train_stations)
+        is_train_st = st["station"].isin(train).to_numpy()
+        row_train = is_train_st[station_code]
+        trans = self.in_net & ~row_train
+        ind = ~self.in_net
+        head = {"n": n, "repeat": rep, "method": task.method, "alpha": task.alpha,
+                "variant": task.variant, "train_stations": json.dumps(sorted(train))}
+        pooled = grouped_scores(np.where(trans, 0, np.where(ind, 1, -1)), truth, pred, 2)
+        per_st = grouped_scores(np.where(row_train, -1, station_code), truth, pred, len(st)).rename(columns=SAMPLES)
+        per_st["station"], per_st["network"] = st["station"], st["network"].astype(str).to_numpy()
+        per_st["lon"], per_st["lat"] = st["lon"], st["lat"]
+        per_st = per_st[~is_train_st & (per_st["samples"] > 0)]
+        st_mean = per_st[per_st["network"] == protocol.network][["bias", "r", "rmse", "ubrmse"]].mean()
+        run = {
+            **head,
+            "samples": int(pooled.loc[0, "n"]), **{m: pooled.loc[0, m] for m in METRICS[1:]},
+            **{f"station_{m}": st_mean[m] for m in ("bias", "r", "rmse", "ubrmse")},
+            "inductive_samples": int(pooled.loc[1, "n"]), **{f"inductive_{m}": pooled.loc[1, m] for m in METRICS[1:]},
+            **uncertainty(truth, pred, spread, calibrate_on=ind, score_on=trans),
+            "seconds": meta.get("seconds"), "fit_seconds": meta.get("fit_seconds"),
+            "station_seed": protocol.station_seed(n, rep),
+        }
+        pn = grouped_scores(np.where(row_train, -1, self.net_code), truth, pred, len(self.networks)).rename(columns=SAMPLES)
+        pn.insert(0, "network", self.networks)
+        strips = []
+        for col, strip in (("lon", "lon_strip"), ("lat", "lat_strip")):
+            codes = st[strip].to_numpy()[station_code]
+            ps = grouped_scores(np.where(row_train, -1, codes), truth, pred, N_STRIPS).rename(columns=SAMPLES)
+            bounds = _strip_bounds(st, col, strip)
+            ps.insert(0, "strip", np.arange(N_STRIPS))
+            ps.insert(0, "kind", "longitude" if col == "lon" else "latitude")
+            ps.insert(2, "range", [bounds.get(i, "") for i in range(N_STRIPS)])
+            strips.append(ps.assign(**head))
+        return run, per_st.assign(**head), pn.assign(**head), strips
 
 
 def median_runs(runs: pd.DataFrame) -> pd.DataFrame:

@@ -507,6 +507,14 @@ def _run_tasks(tasks: list, scheduler: str | None, workers: int | None, progress
         pool.shutdown()
 
 
+def _weights_info(weights: str):
+    """The schema and calibration of ``weights``."""
+    from msda.weights import load_ensemble
+
+    ensemble = load_ensemble(weights)
+    return ensemble.schema, getattr(ensemble, "calibration", None)
+
+
 def make_map(
     weights: str | Path,
     inputs: str | Path,
@@ -535,7 +543,6 @@ def make_map(
     import dask
 
     from msda.provenance import provenance
-    from msda.weights import load_ensemble
 
     if chunks < 16:
         raise MapError(f"--chunks must be at least 16 pixels, got {chunks}")
@@ -543,12 +550,8 @@ def make_map(
     check_output(out, "map", sources, force)
     weights, out = str(Path(weights).resolve()), Path(out)
     _engine.cache_clear()  # weights rewritten since this process last loaded them
-    # locally the tasks run in this process: load the ensemble once, for the schema and for them
-    if scheduler:
-        ensemble = load_ensemble(weights)
-        schema, calibration = ensemble.schema, getattr(ensemble, "calibration", None)
-    else:
-        schema, calibration = _engine(weights, device, compile)[1:]
+    # locally the tasks run in this process: the ensemble is loaded once, for them and for this
+    schema, calibration = _weights_info(weights) if scheduler else _engine(weights, device, compile)[1:]
     demo = str(inputs) == "demo"
     if not demo:
         stack = open_stack(inputs, schema)

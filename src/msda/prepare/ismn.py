@@ -107,85 +107,114 @@ def read_ismn(
     meta_cache: str | Path | None = None,
     progress: bool = True,
 ) -> IsmnTables:
-    """Read an ISMN download; see the module docstring for the selection and averaging."""
-    from tqdm.auto import tqdm
-
-    from msda.runtime import bar_interval
-
+    """Read an ISMN download; see the module docstring for the selection and averaging. Stages:
+    the sensors' metadata, the surface sensors of the networks asked for, their daily means of
+    the flags kept, then one series per 50 m cell and the stations table."""
     path = Path(path)
     if not path.exists():
         raise PrepareError(f"{path}: no such ISMN download (zip or folder)")
     letters, codes = _flag_filter(flags)
-    try:
-        from ismn.interface import ISMN_Interface
-    except ImportError:  # pragma: no cover - a dependency of msda
-        raise PrepareError("the 'ismn' package is needed to read ISMN downloads: pip install ismn") from None
-
     with tempfile.TemporaryDirectory(prefix="msda-ismn-") as tmp:
-        meta_dir = Path(meta_cache) if meta_cache else Path(tmp)
-        try:
-            # the package prints its metadata steps, a progress bar and warnings on missing static files
-            chatter = io.StringIO()
-            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), _quiet_logs():
-                ds = ISMN_Interface(str(path), meta_path=str(meta_dir / path.stem), parallel=False)
-        except Exception as exc:  # the package raises plain exceptions on broken archives
-            raise PrepareError(f"{path}: not a readable ISMN download ({type(exc).__name__}: {exc})") from None
-        meta = ds.metadata
-        col = lambda name: meta[(name, "val")]  # noqa: E731
-        table = pd.DataFrame({
-            "idx": meta.index,
-            "ismn_network": col("network").astype(str),
-            "station": col("station").astype(str),
-            "variable": col("variable").astype(str),
-            "depth_from": meta[("variable", "depth_from")].astype(float),
-            "depth_to": meta[("variable", "depth_to")].astype(float),
-            "instrument": col("instrument").astype(str),
-            "lon": col("longitude").astype(float),
-            "lat": col("latitude").astype(float),
-            "elevation": pd.to_numeric(col("elevation"), errors="coerce"),
-            "file": meta[("file_path", "val")].astype(str),
-        })
-        table["network"] = [_network_of(n, f) for n, f in zip(table["ismn_network"], table["file"])]
-        found = sorted(table["network"].unique())
-        if networks:
-            wanted = {n.strip().upper(): n.strip() for n in networks if n.strip()}
-            missing = [v for k, v in wanted.items() if k not in {f.upper() for f in found}]
-            if missing:
-                raise PrepareError(f"{path}: no network {missing[0]!r} in this download (networks: {', '.join(found)})")
-            table = table[table["network"].str.upper().isin(wanted)]
-        sm = table[table["variable"] == "soil_moisture"]
-        if sm.empty:
-            raise PrepareError(f"{path}: no soil moisture sensors in networks {', '.join(sorted(table['network'].unique()))}")
-        surface = sm[(sm["depth_from"] >= -1e-9) & (sm["depth_to"] <= max_depth + tolerance)]
-        if surface.empty:
-            depths = ", ".join(sorted({f"{a:.2f}-{b:.2f} m" for a, b in zip(sm["depth_from"], sm["depth_to"])}))
-            raise PrepareError(
-                f"{path}: no surface soil moisture sensors (0-{max_depth:g} m, +{tolerance * 1000:.1f} mm); "
-                f"the sensors here measure {depths}"
-            )
-
-        daily_parts, flag_counts, n_in = [], Counter(), 0
-        for _, s in tqdm(surface.iterrows(), total=len(surface), desc="ISMN sensors", disable=not progress,
-                         mininterval=bar_interval()):
-            data = ds.read_ts(int(s["idx"]))
-            n_in += len(data)
-            flag_counts.update(data["soil_moisture_flag"].astype(str))
-            keep = _allowed(data["soil_moisture_flag"], letters, codes) & data["soil_moisture"].notna().to_numpy()
-            values = data.loc[keep, "soil_moisture"].astype(float)
-            if values.empty:
-                continue
-            day = values.groupby(values.index.floor("D")).agg(["mean", "size"])
-            daily_parts.append(pd.DataFrame({"network": s["network"], "station": s["station"], "sensor": s["file"],
-                                             "date": day.index, "sm": day["mean"].to_numpy(),
-                                             "n_obs": day["size"].to_numpy()}))
+        ds = _open_ismn(path, Path(meta_cache) if meta_cache else Path(tmp))
+        surface = _surface_sensors(_sensor_table(ds), path, networks, max_depth, tolerance)
+        daily_parts, flag_counts, n_in = _daily_per_sensor(ds, surface, letters, codes, progress)
     if not daily_parts:
         seen = ", ".join(f"{k} ({v})" for k, v in flag_counts.most_common(8))
         raise PrepareError(
             f"{path}: no surface soil moisture left after keeping flags {','.join(flags)} "
             f"({n_in} values; their flags: {seen}); older downloads flag everything U or D: try --flags G,U"
         )
-    per_sensor = pd.concat(daily_parts, ignore_index=True)
+    stations, daily = _per_cell(surface, pd.concat(daily_parts, ignore_index=True))
+    settings = {"source": str(path), "networks": list(networks or []), "flags": list(flags),
+                "max_depth_m": max_depth, "tolerance_m": tolerance}
+    return IsmnTables(stations, daily, settings)
 
+
+def _open_ismn(path: Path, meta_dir: Path):
+    try:
+        from ismn.interface import ISMN_Interface
+    except ImportError:  # pragma: no cover - a dependency of msda
+        raise PrepareError("the 'ismn' package is needed to read ISMN downloads: pip install ismn") from None
+    try:
+        # the package prints its metadata steps, a progress bar and warnings on missing static files
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), _quiet_logs():
+            return ISMN_Interface(str(path), meta_path=str(meta_dir / path.stem), parallel=False)
+    except Exception as exc:  # the package raises plain exceptions on broken archives
+        raise PrepareError(f"{path}: not a readable ISMN download ({type(exc).__name__}: {exc})") from None
+
+
+def _sensor_table(ds) -> pd.DataFrame:
+    """One row per sensor of the download: network, station, variable, depths, position, file."""
+    meta = ds.metadata
+    col = lambda name: meta[(name, "val")]  # noqa: E731
+    table = pd.DataFrame({
+        "idx": meta.index,
+        "ismn_network": col("network").astype(str),
+        "station": col("station").astype(str),
+        "variable": col("variable").astype(str),
+        "depth_from": meta[("variable", "depth_from")].astype(float),
+        "depth_to": meta[("variable", "depth_to")].astype(float),
+        "instrument": col("instrument").astype(str),
+        "lon": col("longitude").astype(float),
+        "lat": col("latitude").astype(float),
+        "elevation": pd.to_numeric(col("elevation"), errors="coerce"),
+        "file": meta[("file_path", "val")].astype(str),
+    })
+    table["network"] = [_network_of(n, f) for n, f in zip(table["ismn_network"], table["file"])]
+    return table
+
+
+def _surface_sensors(table: pd.DataFrame, path: Path, networks: Sequence[str] | None, max_depth: float,
+                     tolerance: float) -> pd.DataFrame:
+    """The soil moisture sensors of ``networks`` within ``max_depth`` (+ ``tolerance``) of the surface."""
+    found = sorted(table["network"].unique())
+    if networks:
+        wanted = {n.strip().upper(): n.strip() for n in networks if n.strip()}
+        missing = [v for k, v in wanted.items() if k not in {f.upper() for f in found}]
+        if missing:
+            raise PrepareError(f"{path}: no network {missing[0]!r} in this download (networks: {', '.join(found)})")
+        table = table[table["network"].str.upper().isin(wanted)]
+    sm = table[table["variable"] == "soil_moisture"]
+    if sm.empty:
+        raise PrepareError(f"{path}: no soil moisture sensors in networks {', '.join(sorted(table['network'].unique()))}")
+    surface = sm[(sm["depth_from"] >= -1e-9) & (sm["depth_to"] <= max_depth + tolerance)]
+    if surface.empty:
+        depths = ", ".join(sorted({f"{a:.2f}-{b:.2f} m" for a, b in zip(sm["depth_from"], sm["depth_to"])}))
+        raise PrepareError(
+            f"{path}: no surface soil moisture sensors (0-{max_depth:g} m, +{tolerance * 1000:.1f} mm); "
+            f"the sensors here measure {depths}"
+        )
+    return surface
+
+
+def _daily_per_sensor(ds, surface: pd.DataFrame, letters, codes, progress: bool):
+    """Daily means of each sensor's values with a kept flag: (the per-sensor frames, the flags
+    seen, the values read)."""
+    from tqdm.auto import tqdm
+
+    from msda.runtime import bar_interval
+
+    daily_parts, flag_counts, n_in = [], Counter(), 0
+    for _, s in tqdm(surface.iterrows(), total=len(surface), desc="ISMN sensors", disable=not progress,
+                     mininterval=bar_interval()):
+        data = ds.read_ts(int(s["idx"]))
+        n_in += len(data)
+        flag_counts.update(data["soil_moisture_flag"].astype(str))
+        keep = _allowed(data["soil_moisture_flag"], letters, codes) & data["soil_moisture"].notna().to_numpy()
+        values = data.loc[keep, "soil_moisture"].astype(float)
+        if values.empty:
+            continue
+        day = values.groupby(values.index.floor("D")).agg(["mean", "size"])
+        daily_parts.append(pd.DataFrame({"network": s["network"], "station": s["station"], "sensor": s["file"],
+                                         "date": day.index, "sm": day["mean"].to_numpy(),
+                                         "n_obs": day["size"].to_numpy()}))
+    return daily_parts, flag_counts, n_in
+
+
+def _per_cell(surface: pd.DataFrame, per_sensor: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stations table and one daily series per 50 m cell of a network (the first station's
+    name stands for the cell; the others are listed in ``merged``)."""
     st = surface.groupby(["network", "station"], sort=True).agg(
         lon=("lon", "first"), lat=("lat", "first"), elevation=("elevation", "first"),
         depth_from=("depth_from", "min"), depth_to=("depth_to", "max"),
@@ -195,7 +224,6 @@ def read_ismn(
     st = st.reset_index(drop=True)
     st["r"], st["c"] = GRID_9KM.lonlat_to_rowcol(st["lon"].to_numpy(), st["lat"].to_numpy())
     st["row_50m"], st["col_50m"] = GRID_50M.lonlat_to_rowcol(st["lon"].to_numpy(), st["lat"].to_numpy())
-    # one series per 50 m cell of a network: the first station name stands for the cell
     st["cell_station"] = st.groupby(["network", "row_50m", "col_50m"])["station"].transform("first")
     merged = st.groupby(["network", "cell_station"])["station"].agg(lambda v: ",".join(v[1:]))
     rename = dict(zip(zip(st["network"], st["station"]), st["cell_station"]))
@@ -211,9 +239,7 @@ def read_ismn(
     stations["first_date"] = [span.loc[k, "min"] for k in key]
     stations["last_date"] = [span.loc[k, "max"] for k in key]
     stations["n_days"] = [int(span.loc[k, "size"]) for k in key]
-    settings = {"source": str(path), "networks": list(networks or []), "flags": list(flags),
-                "max_depth_m": max_depth, "tolerance_m": tolerance}
-    return IsmnTables(stations.reset_index(drop=True), daily, settings)
+    return stations.reset_index(drop=True), daily
 
 
 def write_ismn(tables: IsmnTables, out: str | Path, force: bool = False) -> Path:

@@ -76,7 +76,8 @@ def simulate_scene(
 
     ``cells`` (rows, columns) of 9 km cells start at the cell holding (lon, lat); ``shape``
     (pixels) overrides them for small scenes. ``dates`` Sentinel-1 acquisitions 12 days apart
-    from ``start``. Deterministic for ``seed``.
+    from ``start``. Deterministic for ``seed``. Stages: the weather of each 9 km cell, the land
+    surface at 50 m, the daily water balance, then per date the series and the backscatter.
     """
     import rioxarray  # noqa: F401  (registers .rio)
 
@@ -89,20 +90,47 @@ def simulate_scene(
     _, y = GRID_50M.center(rows, np.zeros(ny, int))
     xx, yy = np.meshgrid(x, y)
     plon, plat = xy_to_lonlat(xx, yy)
+    acq = pd.date_range(pd.Timestamp(start), periods=dates, freq=f"{S1_REPEAT_DAYS}D")
+    days = pd.date_range(acq[0] - pd.Timedelta(days=HISTORY_DAYS + SPINUP_DAYS), acq[-1], freq="D")
+    cell_of, precip, t_air = _scene_weather(rows, cols, days, rng)
+    surface = _scene_surface(rng, plon, plat)
+    keep = days >= acq[0] - pd.Timedelta(days=HISTORY_DAYS)
+    params = SurfaceParams(physics.cosby_hydraulics(surface["sand"].ravel(), surface["clay"].ravel()),
+                           surface["ndvi_min"].ravel(), surface["ndvi_max"].ravel(),
+                           precip_scale=surface["precip_scale"].ravel())
+    sm, ndvi, _ = water_and_greenness(precip, t_air, cell_of, plat.ravel(), days, params, keep=keep)
+    # incidence angle: one per date at the far edge, 0.9 degrees less at the near edge of the scene
+    angle_far = rng.uniform(31.0, 43.0, dates)
+    across = (xx - xx.min()) / max(float(np.ptp(xx)), 1.0)
+    lake_mask = np.zeros((ny, nx), bool)
+    if lake:
+        cy, cx = rng.uniform(0.25, 0.75) * ny, rng.uniform(0.25, 0.75) * nx
+        yy_i, xx_i = np.ogrid[:ny, :nx]
+        lake_mask = (yy_i - cy) ** 2 + (xx_i - cx) ** 2 <= (0.06 * min(ny, nx)) ** 2
+    out, series = _acquisitions(rng, acq, days[keep], int(np.flatnonzero(keep)[0]), sm, ndvi, precip, t_air, cell_of,
+                                angle_far, across, surface["rms_cm"], lake_mask)
+    ds = _scene_dataset(out, series, surface, acq, x, y)
+    ds.attrs.update(generator="msda.simulate.scene", seed=seed, lon=lon, lat=lat, start=str(acq[0].date()),
+                    dates=dates, row0_50m=row0, col0_50m=col0)
+    return ds.rio.write_crs(CRS)
 
-    # weather per 9 km cell of the scene
+
+def _scene_weather(rows: np.ndarray, cols: np.ndarray, days: pd.DatetimeIndex, rng: np.random.Generator):
+    """The daily weather of each 9 km cell of the scene, and each pixel's cell."""
     k = GRID_9KM.ratio(GRID_50M)
     r9, c9 = rows // k, cols // k
     u_r, u_c = np.unique(r9), np.unique(c9)
     cell_r, cell_c = np.meshgrid(u_r, u_c, indexing="ij")
     clon, clat = GRID_9KM.rowcol_to_lonlat(cell_r.ravel(), cell_c.ravel())
     cell_of = (np.searchsorted(u_r, r9)[:, None] * len(u_c) + np.searchsorted(u_c, c9)[None, :]).ravel()
-    acq = pd.date_range(pd.Timestamp(start), periods=dates, freq=f"{S1_REPEAT_DAYS}D")
-    days = pd.date_range(acq[0] - pd.Timedelta(days=HISTORY_DAYS + SPINUP_DAYS), acq[-1], freq="D")
     precip, t_air = _weather(clon, clat, days, rng, np.ones(len(clon)))
+    return cell_of, precip, t_air
 
-    # land surface at 50 m
-    shp = (ny, nx)
+
+def _scene_surface(rng: np.random.Generator, plon: np.ndarray, plat: np.ndarray) -> dict[str, np.ndarray]:
+    """The land surface at 50 m: soil texture and density, terrain, roughness, where water
+    gathers, the NDVI range."""
+    shp = plon.shape
     west = float(np.mean(plon)) < -100
     sand = np.clip(45 + 10 * west + 12 * _field(rng, shp, 30) + 4 * _field(rng, shp, 3), 3, 92)
     clay = np.clip(22 + 6 * (float(np.mean(plon)) > -95) + 6 * _field(rng, shp, 30) + 2 * _field(rng, shp, 3), 2, 60)
@@ -122,28 +150,22 @@ def simulate_scene(
     annual = _climate(plon, plat)["precip_mm"]
     ndvi_max = np.clip(0.35 + 0.5 * np.clip(annual / 1300, 0, 1) + 0.05 * _field(rng, shp, 10), 0.25, 0.92)
     ndvi_min = np.clip(0.08 + 0.02 * _field(rng, shp, 10), 0.02, 0.2)
-    hyd = physics.cosby_hydraulics(sand.ravel(), clay.ravel())
+    return {"sand": sand, "clay": clay, "bulk": bulk, "elev": elev, "slope": slope, "aspect": aspect, "rms_cm": rms_cm,
+            "precip_scale": precip_scale, "ndvi_max": ndvi_max, "ndvi_min": ndvi_min}
 
-    keep = days >= acq[0] - pd.Timedelta(days=HISTORY_DAYS)
-    kept = days[keep]
-    params = SurfaceParams(hyd, ndvi_min.ravel(), ndvi_max.ravel(), precip_scale=precip_scale.ravel())
-    sm, ndvi, _ = water_and_greenness(precip, t_air, cell_of, plat.ravel(), days, params, keep=keep)
 
+def _acquisitions(rng, acq, kept, w_first: int, sm, ndvi, precip, t_air, cell_of, angle_far, across, rms_cm,
+                  lake_mask) -> tuple[dict, dict]:
+    """Per date: the 46-step series before it, and VV, VH, angle and the true soil moisture (Oh
+    under a Water Cloud, speckle), NaN over the lake."""
+    shp = lake_mask.shape
+    ny, nx = shp
     n_pix = ny * nx
     ndvi_cs = np.vstack([np.zeros((1, n_pix)), np.cumsum(ndvi, axis=0, dtype=np.float64)])
-    w_first = int(np.flatnonzero(keep)[0])
     cells_cs = {k: np.vstack([np.zeros((1, v.shape[1])), np.cumsum(v[w_first:], axis=0)]) for k, v in
                 (("t2m", t_air), ("tp", precip / 1000.0))}
     steps = np.arange(STEPS)
-    # incidence angle: one per date at the far edge, 0.9 degrees less at the near edge of the scene
-    angle_far = rng.uniform(31.0, 43.0, dates)
-    across = (xx - xx.min()) / max(float(np.ptp(xx)), 1.0)
-    lake_mask = np.zeros(shp, bool)
-    if lake:
-        cy, cx = rng.uniform(0.25, 0.75) * ny, rng.uniform(0.25, 0.75) * nx
-        yy_i, xx_i = np.ogrid[:ny, :nx]
-        lake_mask = (yy_i - cy) ** 2 + (xx_i - cx) ** 2 <= (0.06 * min(ny, nx)) ** 2
-
+    dates = len(acq)
     out = {k: np.empty((dates, ny, nx), np.float32) for k in ("vv", "vh", "angle", "sm_true")}
     series = {k: np.empty((dates, STEPS, ny, nx), np.float32) for k in ("ndvi", "t2m", "tp")}
     for i, day in enumerate(acq):
@@ -164,22 +186,23 @@ def simulate_scene(
         out["sm_true"][i] = theta.reshape(shp)
         for k in ("vv", "vh", "angle", "sm_true"):
             out[k][i][lake_mask] = np.nan
+    return out, series
 
+
+def _scene_dataset(out: dict, series: dict, surface: dict, acq, x, y) -> xr.Dataset:
     dims3, dims4 = ("time", "y", "x"), ("time", "step", "y", "x")
-    static = {"sand": sand * 10, "clay": clay * 10, "bulk_density": bulk, "elevation": elev, "slope": slope,
-              "aspect_deg": aspect}
+    static = {"sand": surface["sand"] * 10, "clay": surface["clay"] * 10, "bulk_density": surface["bulk"],
+              "elevation": surface["elev"], "slope": surface["slope"], "aspect_deg": surface["aspect"]}
     data = {k: (dims3, v) for k, v in out.items()}
     data.update({k: (("y", "x"), v.astype(np.float32)) for k, v in static.items()})
     data.update({k: (dims4, v) for k, v in series.items()})
-    ds = xr.Dataset(data, coords={"time": acq, "step": steps, "y": y, "x": x})
+    ds = xr.Dataset(data, coords={"time": acq, "step": np.arange(STEPS), "y": y, "x": x})
     units = {"vv": "dB", "vh": "dB", "angle": "deg", "sm_true": "m3/m3", "sand": "g/kg", "clay": "g/kg",
              "bulk_density": "cg/cm3", "elevation": "m", "slope": "deg", "aspect_deg": "deg", "ndvi": "1",
              "t2m": "degC", "tp": "m/d"}
     for k, u in units.items():
         ds[k].attrs["units"] = u
-    ds.attrs.update(generator="msda.simulate.scene", seed=seed, lon=lon, lat=lat, start=str(acq[0].date()),
-                    dates=dates, row0_50m=row0, col0_50m=col0)
-    return ds.rio.write_crs(CRS)
+    return ds
 
 
 def write_scene(ds: xr.Dataset, path: str | Path, force: bool = False) -> Path:
