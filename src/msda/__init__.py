@@ -4,12 +4,12 @@ __version__ = "0.1.0"
 
 import os as _os
 
-from msda.runtime import busy_cores as _busy_cores  # noqa: E402  (no PyTorch)
-
-# On a machine other processes keep busy, OpenMP threads wait passively, leaving their cores to
-# work (msda.runtime). OpenMP reads the policy when PyTorch loads it, so it is set before the
-# imports below; on an idle machine spinning is faster (15-25 % on a training step), so kept.
-if "OMP_WAIT_POLICY" not in _os.environ and _busy_cores(reads=3, interval=0.01) > 0:
+# OpenMP threads wait passively: on a machine other processes keep busy, spinning threads lose
+# their cores to each other (a training step 3 x, prediction 7 x slower with OpenMP's default
+# spin); on an idle one passive waiting costs 0-5 % (benchmarks/contention.py). OpenMP reads the
+# policy when PyTorch loads it, so it is set before the imports below; a policy or spin count of
+# your own is kept.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from msda.errors import MsdaError, SchemaError, TableError, WeightsError  # noqa: E402

@@ -89,7 +89,7 @@ def predict(
     chunk_rows: int = typer.Option(200_000, min=1, help="Rows read at a time (bounds memory)."),
     members: bool = typer.Option(True, "--members/--no-members", help="Write each member's prediction."),
     drop_nan: bool = typer.Option(False, "--drop-nan", help="Drop rows with NaN features instead of failing."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (GPU; on CPU the default C stage is faster)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (for GPUs)."),
     no_clip: bool = typer.Option(False, "--no-clip", help="Keep the raw ensemble mean (default: clipped to [0, truth_max], flag 8)."),
     training_table: Optional[Path] = typer.Option(None, "--training-table", help="Sample table whose feature ranges flag extrapolated rows (flag 4)."),
     force: bool = ForceOpt,
@@ -733,7 +733,7 @@ def map_(
     cells: str = typer.Option("2x2", help="With --inputs demo: rows x columns of 9 km cells."),
     dates: int = typer.Option(3, min=1, help="With --inputs demo: Sentinel-1 dates."),
     seed: int = typer.Option(0, help="With --inputs demo: seed of the scene."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (GPU; on CPU the default C stage is faster)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the PyTorch convolutions (for GPUs)."),
     force: bool = ForceOpt,
     threads: int = ThreadsOpt,
 ) -> None:

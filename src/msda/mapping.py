@@ -538,7 +538,7 @@ def make_map(
     ``inputs="demo"`` first writes a synthetic scene (``msda.simulate.scene``, settings ``scene``)
     into ``out/scene.zarr`` and compares the map with its true soil moisture. ``compile``:
     torch.compile the PyTorch convolutions in each process instead of running them in C (for GPUs;
-    on CPU the C stage is faster, see predict.FusedEnsemble).
+    on CPU msda uses the faster of its C stage and PyTorch's, see network.engines.prefer_native).
     """
     import dask
 

@@ -1,13 +1,12 @@
 """Process settings that make CPU training and prediction fast, and memory flat, on a machine
 shared with other work.
 
-Threads: PyTorch starts one OpenMP thread per core and its threads spin while they wait. On a
-machine other processes keep busy, a thread that loses its core stalls every parallel region
-of the others, and spinning threads take the cores from the threads doing work: one fit took
-10-30 x longer than with one thread. ``configure_threads`` takes the cores this process may use
-(affinity mask, cgroup CPU quota) less those other processes keep running; on such a machine
-OpenMP also waits passively (``OMP_WAIT_POLICY``, set when ``msda`` is imported, before PyTorch
-loads OpenMP; on an idle one spinning is the faster).
+Threads: PyTorch starts one OpenMP thread per core of the machine, and its threads spin while
+they wait. On a machine other processes keep busy, a thread that loses its core stalls every
+parallel region of the others, and spinning threads take the cores from the threads doing work:
+prediction ran 7 x and a training step 3 x slower. ``configure_threads`` takes the cores this
+process may use (affinity mask, cgroup CPU quota), and OpenMP waits passively
+(``OMP_WAIT_POLICY``, set when ``msda`` is imported, before PyTorch loads OpenMP).
 
 PyTorch allocates each large activation with ``malloc``; glibc serves blocks above its mmap
 threshold (128 KiB by default, adapting up to 32 MiB) with fresh ``mmap`` pages and gives
@@ -23,9 +22,7 @@ import ctypes.util
 import functools
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
@@ -188,13 +185,15 @@ def resolve_device(device):
 THREADS_ENV = "MSDA_THREADS"  # a fixed thread count for every command, as --threads
 
 
+CGROUP_FILES = [(Path("/sys/fs/cgroup/cpu.max"), None),  # v2: "quota period" or "max period"
+                (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")),
+                (Path("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us"))]
+
+
 def _cgroup_quota() -> float | None:
     """CPUs the cgroup quota allows this process (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None
     without a quota."""
-    candidates = [(Path("/sys/fs/cgroup/cpu.max"), None),
-                  (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")),
-                  (Path("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us"))]
-    for quota_file, period_file in candidates:
+    for quota_file, period_file in CGROUP_FILES:
         try:
             if period_file is None:
                 quota, period = quota_file.read_text().split()[:2]
@@ -225,29 +224,12 @@ def available_cores() -> int:
     return max(1, n)
 
 
-def busy_cores(reads: int = 5, interval: float = 0.02) -> int:
-    """Threads of other processes running now: the median over a few reads of the kernel's count
-    of running threads (``procs_running``), less this one. 0 where /proc is absent."""
-    counts = []
-    for i in range(reads):
-        try:
-            with open("/proc/stat") as f:
-                running = next((int(line.split()[1]) for line in f if line.startswith("procs_running")), None)
-        except (OSError, ValueError):
-            return 0
-        if running is None:
-            return 0
-        counts.append(running - 1)
-        if i + 1 < reads:
-            time.sleep(interval)
-    return max(0, int(statistics.median(counts)))
-
-
 def default_threads() -> int:
-    """Threads for heavy work when none is asked for: the available cores less those other work
-    keeps busy, at least 1. Read once, when a command starts."""
-    cores = available_cores()
-    return max(1, cores - min(busy_cores(), cores))
+    """Threads for heavy work when none is asked for: the available cores. Not fewer when other
+    processes are busy: with passive waiting, as many threads as cores kept 0.8-1.0 x the speed of
+    the best fixed setting beside two busy processes, where one thread lost up to 30 %
+    (benchmarks/RESULTS.md)."""
+    return available_cores()
 
 
 def configure_threads(threads: int | None = None) -> int:
