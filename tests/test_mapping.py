@@ -283,3 +283,17 @@ def test_calibrated_weights_map_their_interval(mapped, weights, cube, tmp_path):
     assert np.isnan(lo[~ok]).all() and "90%" in ds["sm_lo"].attrs["long_name"]
     assert sorted(p.name.split("_20")[0] for p in out.glob("sm_lo_*.tif")) == ["sm_lo"] * ds.sizes["time"]
     assert "sm_lo" not in open_zarr(mapped[0] / "maps.zarr").variables  # uncalibrated: no interval
+
+
+def test_a_new_architecture_maps_on_the_reference_engine(scene, cube, tmp_path):
+    """Kernel 7 and four convolutions: one spec, and the map runs it (on the reference modules,
+    the only engine that covers it) to the same numbers as predicting its pixels."""
+    from msda.network.spec import ArchSpec
+
+    arch = ArchSpec(conv_filters=(32, 16, 8, 4), kernel=7, pools=(2, 2, 2, 2))
+    path = tmp_path / "k7"
+    save_ensemble(DenseSME([MemberSpec(1, 8), MemberSpec(2, 16)], seed=1, arch=arch), path)
+    summary = make_map(path, cube, tmp_path / "m", chunks=32, progress=False, cog=False, previews=False, clip=False)
+    maps = open_zarr(tmp_path / "m" / "maps.zarr")
+    np.testing.assert_allclose(maps["sm_mean"].values, reference_prediction(scene, path), atol=2e-5)
+    assert summary["pixels"] == 2 * SHAPE[0] * SHAPE[1]

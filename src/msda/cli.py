@@ -291,7 +291,8 @@ def weights_init(
 def schema_show(schema: Optional[Path] = typer.Argument(None, help="Schema file; default: Table 1.")) -> None:
     """Print the inputs of a schema with units, ranges and encodings."""
     s = _schema(schema)
-    typer.echo(f"schema {s.name}: {s.n_scalars} scalars + {s.n_series} series x {s.series_length} = {s.n_features} columns")
+    series = f" + {s.n_series} series x {s.series_length}" if s.n_series else " (no series)"
+    typer.echo(f"schema {s.name}: {s.n_scalars} scalars{series} = {s.n_features} columns")
     items = [*s.scalars, *s.series]
     name_w = max(len(i.name) for i in items)
     units_w = max(len(i.units) for i in items)

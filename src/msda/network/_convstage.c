@@ -1,8 +1,8 @@
 /* The convolution stage of DenseSM-E inference, fused per sample and member; below, the
  * training kernels of the first two convolutions (see "Training").
  *
- * msda/native.py compiles this file on first use (cc -O3 -march=native [-fopenmp]) and calls it
- * through ctypes; msda/predict.py and msda/stacked.py fall back to PyTorch operations when no C
+ * msda/network/native.py compiles this file on first use (cc -O3 -march=native [-fopenmp]) and calls it
+ * through ctypes; msda/network/fused.py and msda/network/stacked.py fall back to PyTorch operations when no C
  * compiler is present.
  * Each member runs conv1 -> ReLU -> pool 2 -> conv2 -> ReLU -> pool 2 -> conv3 -> ReLU ->
  * pool 4 (ceil) on one sample with every intermediate in L1 cache, where the PyTorch path

@@ -4,10 +4,10 @@ Training 25 members one after another (as the authors' code does) costs thousand
 PyTorch calls per batch. Here the members share each batch and their parameters are stacked:
 
 - the first convolution sees the same series in every member: one matrix product for all
-  members, its batch norm folded into the weights (``_SharedConv``), ReLU, dropout and the
+  members, its batch norm folded into the weights (``conv_stage.SharedConv``), ReLU, dropout and the
   pairwise pool in one autograd function;
 - the second convolution is one grouped convolution in steps-major layout, the third one
-  banded matrix per member (``_ToeplitzConv``); on CPU, C kernels (``native.py``) replace the
+  banded matrix per member (``conv_stage.ToeplitzConv``); on CPU, C kernels (``native.py``) can replace the
   three convolutions and their batch norms, ReLUs, dropouts and pools in training;
 - the dense blocks are grouped (widths 8-32 share a group, zero-padded to 32; 64 and 128 have
   their own): block k of every member of a group that is deeper than k is one batched product;
