@@ -121,7 +121,8 @@ def main() -> None:
             ensemble.eval()
             x = torch.rand(4096, DEFAULT_SCHEMA.n_features)
             engines = {"old": engine_module("msda_at_rev", "fused").FusedEnsemble(ensemble),
-                       "new": engine_module("msda", "fused").FusedEnsemble(ensemble)}
+                       "new": engine_module("msda", "fused").FusedEnsemble(ensemble, native=new_native("infer"))}
+            print("C stage: " + ", ".join(f"{k} {e.native is not None}" for k, e in engines.items()))
             rates = {k: [] for k in engines}
             with torch.inference_mode():
                 for _ in range(args.repeats):
