@@ -150,7 +150,7 @@ def build_samples(
             raise PrepareError(f"station {lost[0][1]!r} ({lost[0][0]}) is not in the {what} table")
     samples = samples.merge(stations[KEYS + ["r", "c"]], on=KEYS).merge(static, on=KEYS, suffixes=("", "_static"))
     samples = samples.sort_values(KEYS + ["date"]).reset_index(drop=True)
-    samples["doy"] = samples["date"].dt.dayofyear.astype(float)
+    samples["doy"] = samples["date"].dt.day_of_year.astype(float)
     samples["row_9km"], samples["col_9km"] = samples["r"].astype(float), samples["c"].astype(float)
 
     series_cols: dict[str, np.ndarray] = {}
