@@ -29,8 +29,8 @@ app.add_typer(samples_app, name="samples")
 
 _state = {"debug": False}
 
-ThreadsOpt = typer.Option(0, "--threads", min=0, help="CPU threads (0: the free cores when the command starts; "
-                          "MSDA_THREADS or OMP_NUM_THREADS when set).")
+ThreadsOpt = typer.Option(0, "--threads", min=0, help="CPU threads (0: the cores this process may use, from its affinity "
+                          "and cgroup quota; MSDA_THREADS or OMP_NUM_THREADS when set).")
 SchemaOpt = typer.Option(None, "--schema", help="Feature schema file (TOML/YAML/JSON); default: Table 1.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing --out that msda did not write (never an input).")
 _TRAIN, _LOSS = TrainSettings(), LossWeights()  # the defaults of every fit option

@@ -265,7 +265,7 @@ def _run_tasks(todo, protocol, inputs, out, scheduler, workers, device, progress
         if scheduler is None:
             import torch
 
-            cores = torch.get_num_threads()  # as configure_threads set it (--threads, or the free cores)
+            cores = torch.get_num_threads()  # as configure_threads set it (--threads, or the available cores)
             n = workers or 1
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                                    silence_logs=logging.ERROR)
