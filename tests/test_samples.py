@@ -85,6 +85,12 @@ def test_build_samples_errors_name_the_problem(schema_file):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_samples(raw, schema, "fine", truth="sm")  # nothing outside: no warning
+    # the validation of the built table names the raw file too
+    with pytest.raises(TableError, match=r"^own\.csv: .*not dates"):
+        build_samples(raw.assign(date=np.r_[["someday"], raw["date"].to_numpy()[1:]]), schema, "fine", truth="sm",
+                      source="own.csv")
+    with pytest.raises(TableError, match=r"^own\.csv: 2 rows duplicate"):
+        build_samples(pd.concat([raw, raw.iloc[:1]]), schema, "fine", truth="sm", source="own.csv")
 
 
 def test_own_csv_to_calibrated_predictions(tmp_path, schema_file):

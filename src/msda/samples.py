@@ -24,7 +24,7 @@ import pandas as pd
 from msda.errors import TableError
 from msda.grids import GRID_9KM, MAX_LAT
 from msda.schema import FeatureSchema
-from msda.tables import TRUTH, Kind, Samples, samples_from_frame
+from msda.tables import TRUTH, Kind, Samples, parse_dates, samples_from_frame
 
 DEFAULT_NETWORK = "local"
 
@@ -109,11 +109,10 @@ def build_samples(raw: pd.DataFrame, schema: FeatureSchema, kind: Kind, truth: s
                          "(0-1); divide percent values by 100")
     if "date" not in frame.columns:
         raise TableError(f"{source}: no 'date' column (the acquisition date)")
-    dates = pd.to_datetime(frame["date"], errors="coerce", format="mixed") if frame["date"].dtype == object \
-        else pd.to_datetime(frame["date"], errors="coerce")
+    frame["date"] = parse_dates(frame["date"], source, frame.index)
     needs = _needed_sources(schema, frame.columns)
     if "doy" in needs and "doy" not in frame.columns:
-        frame["doy"] = dates.dt.day_of_year.astype(np.float64)  # a bad date is named by the validation below
+        frame["doy"] = frame["date"].dt.day_of_year.astype(np.float64)
     _location(frame, needs, source)
     if kind == "fine":
         if "station" not in frame.columns:
@@ -131,6 +130,4 @@ def build_samples(raw: pd.DataFrame, schema: FeatureSchema, kind: Kind, truth: s
               | {c for se in schema.series for c in se.column_names()})
     keep = [c for c in frame.columns if c not in inputs or c in ("r", "c", "date", "network", "station", TRUTH)]
     out = pd.concat([frame[keep], normalised], axis=1)
-    samples = samples_from_frame(out, kind, schema, drop_nan=drop_nan)
-    samples.source = source
-    return samples
+    return samples_from_frame(out, kind, schema, drop_nan=drop_nan, source=source)

@@ -392,7 +392,7 @@ def _validate(frame: pd.DataFrame, kind: Kind, schema: FeatureSchema, source: st
                 f"{int(bad.sum())} rows do not (e.g. {frame.loc[bad, c].iloc[0]!r}) at rows {_rows(bad, frame.index)}"
             )
         frame[c] = v.astype(np.int64)
-    frame["date"] = _dates(frame["date"], source, frame.index)
+    frame["date"] = parse_dates(frame["date"], source, frame.index)
     for c in ("network", "station"):
         if c in frame.columns:
             frame[c] = frame[c].astype(str)
@@ -412,7 +412,7 @@ def _validate(frame: pd.DataFrame, kind: Kind, schema: FeatureSchema, source: st
     return Samples(frame=frame, kind=kind, schema=schema, source=source, dropped_nan=dropped)
 
 
-def _dates(values: pd.Series, source: str, index: pd.Index) -> pd.Series:
+def parse_dates(values: pd.Series, source: str, index: pd.Index) -> pd.Series:
     """Dates (day resolution); one TableError naming the rows that are not dates."""
     if pd.api.types.is_datetime64_any_dtype(values):
         dates = values
@@ -431,10 +431,12 @@ def _dates(values: pd.Series, source: str, index: pd.Index) -> pd.Series:
 
 
 def samples_from_frame(
-    frame: pd.DataFrame, kind: Kind, schema: FeatureSchema = DEFAULT_SCHEMA, drop_nan: bool = False
+    frame: pd.DataFrame, kind: Kind, schema: FeatureSchema = DEFAULT_SCHEMA, drop_nan: bool = False,
+    source: str = "<frame>",
 ) -> Samples:
-    """Validate an in-memory frame in our layout (feature names, ``sm_m3m3``, ``date``)."""
-    return _validate(frame.copy(), kind, schema, "<frame>", drop_nan)
+    """Validate an in-memory frame in our layout (feature names, ``sm_m3m3``, ``date``); errors
+    name ``source``."""
+    return _validate(frame.copy(), kind, schema, source, drop_nan)
 
 
 # ----- writing ------------------------------------------------------------------------------
