@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from msda.errors import MsdaError
 from msda.io import file_fingerprint
 from msda.network.model import member_name
-from msda.settings import LossWeights, TrainSettings
+from msda.settings import DOMAIN_LOSS_NAMES, LossWeights, TrainSettings
 
 METHODS = ("pretrained", "finetune", "ms", "da", "msda")
 PAPER_NS = (1, 5, 9, 13, 17, 21, 29, 37, 45)
@@ -113,8 +113,8 @@ class Protocol:
             twice = sorted({v for v in values if list(values).count(v) > 1})
             if twice:
                 raise ExperimentError(f"{name} {twice[0]} is given twice")
-        if self.loss.domain_loss not in ("coral", "mmd"):
-            raise ExperimentError(f"unknown domain loss {self.loss.domain_loss!r}; choose coral or mmd")
+        if self.loss.domain_loss not in DOMAIN_LOSS_NAMES:
+            raise ExperimentError(f"unknown domain loss {self.loss.domain_loss!r}; choose {' or '.join(DOMAIN_LOSS_NAMES)}")
         if n_stations is not None and max(self.ns) >= n_stations:
             raise ExperimentError(
                 f"network {self.network} has {n_stations} stations; N = {max(self.ns)} leaves no target station "

@@ -46,6 +46,9 @@ def _entries(d: dict[str, Any], key: str, source: str) -> list[dict[str, Any]]:
     return items
 
 
+TRUTH_MAX = 0.6  # m3/m3: the default upper bound of soil moisture (predictions are clipped to it)
+
+
 @dataclass(frozen=True)
 class Encoding:
     """How a feature is computed from a raw source column.
@@ -102,7 +105,7 @@ class FeatureSchema:
     scalars: tuple[Scalar, ...]
     series: tuple[Series, ...]
     description: str = ""
-    truth_max: float = 0.6  # m3/m3: predictions are clipped to [0, truth_max] unless asked not to
+    truth_max: float = TRUTH_MAX  # m3/m3: predictions are clipped to [0, truth_max] unless asked not to
     _lo: np.ndarray = field(init=False, repr=False, compare=False)
     _hi: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -275,7 +278,7 @@ class FeatureSchema:
             "scalars": [scalar(s) for s in self.scalars],
             "series": [asdict(s) for s in self.series],
         }
-        if self.truth_max != 0.6:
+        if self.truth_max != TRUTH_MAX:
             d["truth_max"] = self.truth_max
         return d
 
@@ -327,7 +330,7 @@ class FeatureSchema:
                 scalars=tuple(scalars),
                 series=tuple(series),
                 description=str(d.get("description", "")),
-                truth_max=float(d.get("truth_max", 0.6)),
+                truth_max=float(d.get("truth_max", TRUTH_MAX)),
             )
         except KeyError as exc:
             raise SchemaError(f"{source}: an input lacks the required key {exc.args[0]!r}") from None
