@@ -20,7 +20,7 @@ from msda.network import native
 from msda.network.fused import FusedEnsemble
 from msda.network.model import DenseSME, MemberSpec
 from msda.network.reference import ReferenceEngine, ReferenceParted
-from msda.network.stacked import PartedEnsemble
+from msda.network.stacked import PartedEnsemble, StackedEnsemble
 
 TRAINERS = (PartedEnsemble, ReferenceParted)  # fastest first
 PREDICTORS = (FusedEnsemble, ReferenceEngine)
@@ -69,14 +69,12 @@ def _choices_file():
     return native.cache_dir() / "choices.json"
 
 
-def _choice_key(mode: str) -> str:
-    text = native.SOURCE.read_bytes() + repr((native._cpu_signature(), torch.__version__, torch.get_num_threads(), mode)).encode()
+def _choice_key(mode: str, threads: int) -> str:
+    text = native.SOURCE.read_bytes() + repr((native._cpu_signature(), torch.__version__, threads, mode)).encode()
     return hashlib.sha256(text).hexdigest()[:20]
 
 
 def _time_train(use_c: bool) -> float:
-    from msda.network.stacked import StackedEnsemble
-
     g = torch.Generator().manual_seed(0)
     net = StackedEnsemble.from_ensemble(DenseSME(PROBE_MEMBERS, seed=0).float()).float().train()
     net.native = use_c
@@ -108,18 +106,23 @@ def _time_infer(use_c: bool) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
 def prefer_native(mode: str) -> bool:
     """Whether the C kernels beat PyTorch's operations on this CPU for ``mode`` ("train" or
     "infer"). They do on some CPUs and not on others (2-3 x either way), so it is measured: once
-    per CPU model, thread count and kernel source (about two seconds), cached in
+    per CPU model, thread count and kernel source (a few seconds), cached in
     ``native.cache_dir()/choices.json``. ``MSDA_NATIVE=0`` or ``1`` decides instead."""
     forced = os.environ.get("MSDA_NATIVE")
     if forced in ("0", "1"):
         return forced == "1"
+    return _measured_choice(mode, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_choice(mode: str, threads: int) -> bool:
+    """``prefer_native`` for ``threads`` threads: from the cache file, else measured and stored."""
     if native.conv_stage_library() is None:
         return False
-    key = _choice_key(mode)
+    key = _choice_key(mode, threads)
     path = _choices_file()
     try:
         cached = json.loads(path.read_text())
@@ -131,7 +134,7 @@ def prefer_native(mode: str) -> bool:
     with torch.random.fork_rng(devices=[]):
         c, py = min(timer(True), timer(True)), min(timer(False), timer(False))
     record = {"native": c < py, "c_s": round(c, 5), "pytorch_s": round(py, 5), "mode": mode,
-              "threads": torch.get_num_threads(), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "threads": threads, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:  # several processes may measure at once: the last write wins, each result is valid
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
