@@ -41,10 +41,10 @@ import pandas as pd
 from msda.errors import MsdaError
 from msda.grids import CRS, EASE2_UL_X, EASE2_UL_Y, GRID_9KM, GRID_50M
 from msda.io import atomic_path, check_output
+from msda.predict import CLIPPED, FLAG_MEANINGS, NODATA, OUT_OF_RANGE, OUT_OF_TRAINING
 from msda.runtime import bar_interval, release_memory
 from msda.schema import FeatureSchema
 
-from msda.predict import CLIPPED, FLAG_MEANINGS, NODATA, OUT_OF_RANGE, OUT_OF_TRAINING  # noqa: E402
 DERIVED = ("doy", "row_9km", "col_9km")  # encoding sources computed from the date and position
 SAR = ("vv", "vh", "angle")
 _TOL = 1e-6  # normalised units: values this far outside [lo, hi] count as in range
