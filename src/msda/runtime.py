@@ -226,9 +226,9 @@ def available_cores() -> int:
 
 def default_threads() -> int:
     """Threads for heavy work when none is asked for: the available cores. Not fewer when other
-    processes are busy: with passive waiting, as many threads as cores kept 0.8-1.0 x the speed of
-    the best fixed setting beside two busy processes, where one thread lost up to 30 %
-    (benchmarks/RESULTS.md)."""
+    processes are busy: with passive waiting, as many threads as cores ran 1.1-1.8 x faster than
+    one thread beside two busy processes, where one thread per free core lost up to 28 %
+    (benchmarks/RESULTS.md, benchmarks/contention.py)."""
     return available_cores()
 
 
